@@ -1,0 +1,113 @@
+"""The run configuration: one typed tree per training run (``yamls/*.yaml`` + ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ddsc.config import ConfigError
+from ddsc.data.binning_config import BinningConfig
+from ddsc.diffusion.config import DiffusionConfig
+from ddsc.model.config import ModelConfig
+
+
+@dataclass
+class StreamConfig:
+    """One MDS stream (a dataset root holding split folders ``train/``, ``valid/``, ...)."""
+
+    remote: str | None = None  # s3://, gs://, oci://, hf:// ... or a local path
+    local: str | None = None  # local cache folder (required when remote is a URL)
+    proportion: float | None = None  # relative sampling weight across streams
+
+
+@dataclass
+class DataConfig:
+    streams: dict[str, StreamConfig]
+    labels: str | None = None  # labels.json written by data_prep (condition label vocabulary)
+    train_split: str = "train"
+    eval_split: str | None = "valid"
+    max_length: int = 1024  # genes per cell after <cls>; longer cells keep a random subset
+    binning: BinningConfig = field(default_factory=BinningConfig)
+    shuffle: bool = True
+    shuffle_seed: int = 17
+    num_workers: int = 2
+    eval_subset_num_batches: int = -1
+
+    def __post_init__(self) -> None:
+        if not self.streams:
+            raise ConfigError("data.streams: at least one stream is required")
+        if self.max_length < 1:
+            raise ConfigError(f"data.max_length: must be positive, got {self.max_length}")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["decoupled_adamw", "adamw"] = "decoupled_adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine_with_warmup", "linear_with_warmup", "constant_with_warmup"] = "cosine_with_warmup"
+    t_warmup: str = "100ba"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class ParallelismConfig:
+    """Which engine and how the model is sharded."""
+
+    engine: Literal["composer", "deepspeed"] = "composer"
+    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"  # composer engine only
+    fsdp_version: Literal[1, 2] = 2
+    replicate_degree: int = 1  # hsdp: number of replicas (e.g. nodes); shards within each
+    zero_stage: Literal[0, 1, 2, 3] = 2  # deepspeed engine only
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    run_name: str = "ddsc"
+    max_duration: str = "1000ba"
+    global_train_batch_size: int = 256
+    device_train_microbatch_size: int | Literal["auto"] = 32
+    device_eval_batch_size: int = 32
+    eval_interval: str = "500ba"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: bf16 where supported
+    grad_clip_norm: float = 1.0
+    ema_decay: float | None = None
+    seed: int = 17
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    save_folder: str | None = None  # local path or object store URI
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = 3
+    autoresume: bool = False
+    hf_export_interval: str | None = None
+    log_to_console: bool = True
+    console_log_interval: str = "10ba"
+    wandb_project: str | None = None  # set to log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_entity: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.num_bins != self.data.binning.num_bins:
+            raise ConfigError(
+                f"model.num_bins={self.model.num_bins} must equal data.binning.num_bins={self.data.binning.num_bins}"
+            )

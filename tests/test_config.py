@@ -1,0 +1,93 @@
+"""The strict config loader: typos, wrong types and missing values fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ddsc.cli import main
+from ddsc.config import ConfigError, load_config, save_config, to_dict
+from ddsc.train.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PROD = ROOT / "yamls" / "dit_1024.yaml"
+
+
+def test_production_yaml_loads_with_interpolation_and_override():
+    cfg = load_config(RunConfig, PROD, ["model.n_layers=24", "optimizer.lr=1e-4", "trainer.max_duration=10ba"])
+    assert cfg.model.n_layers == 24
+    assert cfg.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.trainer.max_duration == "10ba"
+    assert cfg.model.num_bins == cfg.data.binning.num_bins == 51  # resolved ${data.binning.num_bins}
+    assert [c.name for c in cfg.model.conditions] == ["cell_line_id", "drug", "dose"]
+    assert cfg.data.streams["tahoe"].local == "/tmp/ddsc-cache/tahoe"
+
+
+def test_typo_names_key_and_suggests_closest():
+    with pytest.raises(ConfigError, match=r"'model\.n_layer'.*did you mean 'n_layers'"):
+        load_config(RunConfig, PROD, ["model.n_layer=3"])
+
+
+def test_typo_in_section_name():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimiser'.*did you mean 'optimizer'"):
+        load_config(RunConfig, PROD, ["optimiser.lr=1"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"model\.n_layers: expected int, got str 'twelve'"):
+        load_config(RunConfig, PROD, ["model.n_layers=twelve"])
+    with pytest.raises(ConfigError, match=r"trainer\.autoresume: expected bool"):
+        load_config(RunConfig, PROD, ["trainer.autoresume=3"])
+
+
+def test_bad_literal_suggests_choice():
+    with pytest.raises(ConfigError, match=r"diffusion\.schedule: 'cosin' is not one of .*did you mean 'cosine'"):
+        load_config(RunConfig, PROD, ["diffusion.schedule=cosin"])
+
+
+def test_missing_required_value(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model: {n_layers: 2, n_heads: 2, d_model: 8}\n")
+    with pytest.raises(ConfigError, match=r"missing required config value 'data'"):
+        load_config(RunConfig, path)
+    with pytest.raises(ConfigError, match=r"missing required config value 'model\.conditions\[0\]\.name'"):
+        load_config(RunConfig, PROD, ["model.conditions=[{dropout: 0.1}]"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match=r"model\.num_bins=10 must equal data\.binning\.num_bins=51"):
+        load_config(RunConfig, PROD, ["model.num_bins=10"])
+    with pytest.raises(ConfigError, match=r"model\.n_heads: d_model=768 is not divisible by n_heads=5"):
+        load_config(RunConfig, PROD, ["model.n_heads=5"])
+
+
+def test_float_accepts_int_and_sci_notation_but_not_bool():
+    cfg = load_config(RunConfig, PROD, ["optimizer.lr=1", "diffusion.eps=2e-3"])
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.diffusion.eps == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
+        load_config(RunConfig, PROD, ["optimizer.lr=true"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(RunConfig, PROD, ["model.n_layers=3", "trainer.ema_decay=0.999"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(RunConfig, tmp_path / "resolved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert again == cfg
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'model\.n_layers' must look like key=value"):
+        load_config(RunConfig, PROD, ["model.n_layers"])
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+
+
+def test_cli_reports_typo_with_exit_code_2(capsys):
+    assert main(["config", str(PROD), "model.n_layer=3"]) == 2
+    err = capsys.readouterr().err
+    assert "n_layer" in err and "did you mean 'n_layers'" in err
+    assert main(["config", str(PROD), "model.n_layers=3"]) == 0
+    assert "n_layers: 3" in capsys.readouterr().out
