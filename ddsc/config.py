@@ -111,7 +111,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise ConfigError(f"missing required config value '{prefix}{name}'")
     try:
         return cls(**kwargs)
-    except ConfigError as err:  # __post_init__ validation: add the section prefix
+    except ValueError as err:  # __post_init__ validation (ConfigError or a plain ValueError): add the prefix
         raise ConfigError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
 
 

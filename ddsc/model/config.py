@@ -1,10 +1,15 @@
-"""Typed configuration of the DiT backbone, with size presets."""
+"""Typed configuration of the DiT backbone, with size presets.
+
+This module imports nothing from ``ddsc``: it ships verbatim inside every Hugging Face export (with the
+DiT itself) so that ``AutoModel.from_pretrained(dir, trust_remote_code=True)`` works without ``ddsc``.
+Validation errors are plain ``ValueError``; the config loader adds the key path.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ddsc.config import ConfigError
+ConfigError = ValueError
 
 
 @dataclass
