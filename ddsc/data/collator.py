@@ -1,0 +1,171 @@
+"""MDS samples -> model batches: ``[<cls>] + up to max_length genes`` per cell, binned and padded.
+
+Everything after the per-sample concatenation is a handful of tensor ops on the padded ``[B, N]`` batch
+(histogram binning, optional zero genes) plus one random draw per cell for the subset: no Python loop per gene.
+Binning happens on the *whole* cell before subsetting: a cell's bins do not depend on which random subset
+of its genes the model sees (and inference on the full cell agrees with training).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddsc.data.binning import bin_counts
+from ddsc.data.binning_config import BinningConfig
+from ddsc.data.labels import LabelVocab
+from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS, GENE_PAD, ExpressionTokens
+
+
+def pad_cells(genes: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
+    """Ragged per-cell arrays -> (gene ids int64 [B, N], counts [B, N] in their own dtype, valid bool [B, N]).
+
+    Integer counts (MDS stores int32) stay integers: the quantile binning ranks them with a histogram.
+    """
+    lengths = np.fromiter((len(g) for g in genes), dtype=np.int64, count=len(genes))
+    width = int(lengths.max(initial=0))
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    flat_counts = np.concatenate(counts)
+    gene_ids = np.full((len(genes), width), GENE_PAD, dtype=np.int64)
+    values = np.zeros((len(genes), width), dtype=flat_counts.dtype if flat_counts.dtype.kind in "iu" else np.float32)
+    if width:
+        gene_ids[valid] = np.concatenate(genes)  # row-major fill: cell by cell, in order
+        values[valid] = flat_counts
+    return torch.from_numpy(gene_ids), torch.from_numpy(values), torch.from_numpy(valid)
+
+
+class CellCollator:
+    """Turns a list of MDS samples into the batch dict the model, the loss and the samplers consume.
+
+    Output keys (B cells, ``L = 1 + min(max_length, longest cell)``): ``gene_ids`` int64 [B, L] (``<cls>`` at
+    0, ``<pad>`` at padding), ``expr`` int64 [B, L] (clean bins; ``tokens.cls`` / ``tokens.pad``), ``counts``
+    float32 [B, L], ``real`` bool [B, L] (real genes only), ``attention_mask`` bool [B, L] (cls + real genes),
+    ``cond`` int64 [B, C] (label ids in the order of ``conditions``; 0 = null / unknown).
+
+    ``gene_vocab_size`` is needed only when ``binning.zero_fraction > 0``: unexpressed genes are drawn
+    uniformly from the gene ids ``FIRST_GENE_ID..gene_vocab_size-1`` that the cell does not express.
+    """
+
+    def __init__(
+        self,
+        max_length: int,
+        binning: BinningConfig,
+        labels: LabelVocab | None = None,
+        conditions: Sequence[str] = (),
+        seed: int = 0,
+        gene_vocab_size: int | None = None,
+    ):
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        if conditions and labels is None:
+            raise ValueError(f"conditions {list(conditions)} need a label vocabulary (data.labels)")
+        for column in conditions:
+            labels.num_labels(column)  # fails early, naming the column, if labels.json lacks it
+        if binning.zero_fraction > 0 and (gene_vocab_size is None or gene_vocab_size <= FIRST_GENE_ID):
+            raise ValueError("binning.zero_fraction > 0 needs gene_vocab_size (to draw unexpressed genes)")
+        self.max_length = max_length
+        self.binning = binning
+        self.tokens = ExpressionTokens(binning.num_bins)
+        self.labels = labels
+        self.conditions = tuple(conditions)
+        self.seed = seed
+        self.gene_vocab_size = gene_vocab_size
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Seeded lazily, per (seed, distributed rank, dataloader worker): copies in workers must not agree."""
+        if self._rng is None:
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+            self._rng = np.random.default_rng([self.seed, int(os.environ.get("RANK", 0)), worker])
+        return self._rng
+
+    def bins_for(self, counts: Tensor, real: Tensor, library_size: Tensor | None = None) -> Tensor:
+        """Expression tokens (int64) of user counts [B, N]: bins at ``real`` positions, ``tokens.pad`` elsewhere.
+
+        Each row is binned as a whole cell (``library_size`` overrides the row total for ``global_log1p``).
+        """
+        bins = bin_counts(counts, real, self.binning, library_size=library_size)
+        return torch.where(real, bins, torch.full_like(bins, self.tokens.pad))
+
+    def __call__(self, samples: list[dict]) -> dict[str, Tensor]:
+        if not samples:
+            raise ValueError("CellCollator: empty list of samples")
+        cell_genes, cell_counts, valid = pad_cells([s["genes"] for s in samples], [s["counts"] for s in samples])
+        if self.binning.zero_fraction > 0:
+            zero_genes, zero_valid = self._zero_genes(cell_genes, valid)
+            cell_genes = torch.cat([cell_genes, zero_genes], dim=1)
+            cell_counts = torch.cat([cell_counts, torch.zeros(zero_genes.shape, dtype=cell_counts.dtype)], dim=1)
+            valid = torch.cat([valid, zero_valid], dim=1)
+        index, real = self._subset(valid)
+        counts = torch.where(real, cell_counts.gather(1, index), 0)
+        bins = bin_counts(counts, real, self.binning, cell_counts=cell_counts, cell_real=valid)
+        counts = counts.float()
+        batch_size = len(samples)
+        first = torch.ones(batch_size, 1, dtype=torch.bool)
+        return {
+            "gene_ids": torch.cat(
+                [torch.full((batch_size, 1), GENE_CLS), torch.where(real, cell_genes.gather(1, index), GENE_PAD)], 1
+            ),
+            "expr": torch.cat(
+                [torch.full((batch_size, 1), self.tokens.cls), torch.where(real, bins, self.tokens.pad)], 1
+            ),
+            "counts": torch.cat([torch.zeros(batch_size, 1), counts], dim=1),
+            "real": torch.cat([~first, real], dim=1),
+            "attention_mask": torch.cat([first, real], dim=1),
+            "cond": self._encode_conditions(samples),
+        }
+
+    def _subset(self, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Indices [B, L'] of a uniform random subset of at most ``max_length`` valid positions per cell.
+
+        The kept positions stay in their original order (a cell that fits comes out unchanged), padding last.
+        One numpy draw per cell (not per gene): cheaper than any batched top-k over random keys.
+        """
+        valid = valid.numpy()
+        width = min(self.max_length, int(valid.sum(axis=1).max(initial=0)))
+        index = np.zeros((len(valid), width), dtype=np.int64)
+        real = np.zeros((len(valid), width), dtype=bool)
+        for i, row in enumerate(valid):
+            positions = np.flatnonzero(row)
+            if len(positions) > width:
+                positions = np.sort(self.rng.choice(positions, width, replace=False))
+            index[i, : len(positions)] = positions
+            real[i, : len(positions)] = True
+        return torch.from_numpy(index), torch.from_numpy(real)
+
+    def _zero_genes(self, gene_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Unexpressed genes to add: ids [B, M] and which of them to use [B, M].
+
+        Cell ``i`` with ``n_i`` expressed genes gets ``round(n_i * f / (1 - f))`` distinct genes it does not
+        express, so a fraction ``f = zero_fraction`` of its genes are zeros. Candidates are drawn with
+        replacement and filtered (already expressed or repeated), with headroom; in the rare case the filter
+        leaves too few, the cell gets fewer zero genes.
+        """
+        f = self.binning.zero_fraction
+        n = valid.sum(dim=1)
+        available = self.gene_vocab_size - FIRST_GENE_ID - n
+        wanted = torch.minimum(torch.round(n * (f / (1 - f))).long(), available)
+        draws = int(wanted.max()) * 5 // 4 + 16
+        candidates = torch.from_numpy(self.rng.integers(FIRST_GENE_ID, self.gene_vocab_size, (len(n), draws)))
+        expressed = gene_ids.masked_fill(~valid, self.gene_vocab_size).sort(dim=1).values
+        if expressed.shape[1] == 0:
+            expressed = torch.full((len(n), 1), self.gene_vocab_size)
+        slot = torch.searchsorted(expressed, candidates).clamp(max=expressed.shape[1] - 1)
+        is_expressed = expressed.gather(1, slot) == candidates
+        ordered, order = candidates.sort(dim=1)
+        repeat_sorted = torch.cat([torch.zeros(len(n), 1, dtype=torch.bool), ordered[:, 1:] == ordered[:, :-1]], 1)
+        is_repeat = torch.empty_like(repeat_sorted).scatter_(1, order, repeat_sorted)
+        usable = ~is_expressed & ~is_repeat
+        return candidates, usable & (usable.cumsum(dim=1) <= wanted[:, None])
+
+    def _encode_conditions(self, samples: list[dict]) -> Tensor:
+        columns = [self.labels.encode(col, [str(s.get(col, "")) for s in samples]) for col in self.conditions]
+        if not columns:
+            return torch.zeros(len(samples), 0, dtype=torch.int64)
+        return torch.from_numpy(np.stack(columns, axis=1))

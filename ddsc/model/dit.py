@@ -1,0 +1,188 @@
+"""The DDSC backbone: a bidirectional DiT over a *set* of (gene, expression token) pairs.
+
+Each position embeds its gene id and its expression token and sums them; there is no positional encoding, so
+the network is permutation-equivariant over gene positions (gene order means nothing). Cell-level conditions
+(cell line, drug, dose; optionally the diffusion time) are summed into one conditioning vector that modulates
+every pre-norm block through adaLN-Zero (DiT, Peebles & Xie 2023): shift/scale after each LayerNorm and a
+gate on each residual branch, all produced by a zero-initialised linear map, so every block starts as the
+identity. With no conditions at all the vector is zero and the modulation reduces to learned constants (the
+linear map's bias), which is still a valid adaLN-Zero block. The output head maps to the ``K`` expression bins
+only (MDLM's SUBS parameterisation never predicts the mask) and always runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddsc.data.tokens import ExpressionTokens
+from ddsc.model.config import ModelConfig
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all gene positions, with a key-padding mask."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation from the conditioning vector ``c``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hidden = cfg.d_model, int(cfg.d_model * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Dropout(cfg.dropout), nn.Linear(hidden, d)
+        )
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: Tensor, c: Tensor, key_mask: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)[:, None, :].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), key_mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of the diffusion time t in [0, 1] followed by a small MLP (as in DiT)."""
+
+    def __init__(self, d_model: int, frequencies: int = 256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = 1000.0 * t.float()[:, None] * freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
+class DiT(nn.Module):
+    """Gene-ID-conditioned DiT denoiser: ``forward(...) -> logits float32 [B, L, num_bins]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        for condition in cfg.conditions:
+            if condition.num_labels <= 0:
+                raise ValueError(f"model.conditions.{condition.name}.num_labels must be filled (> 0) before building")
+        self.cfg = cfg
+        self.tokens = ExpressionTokens(cfg.num_bins)
+        d = cfg.d_model
+        self.gene_embedding = nn.Embedding(cfg.gene_vocab_size, d)
+        self.expr_embedding = nn.Embedding(self.tokens.vocab_size, d)
+        # One table per condition; row 0 is the learned null label (CFG's unconditional branch).
+        self.cond_embeddings = nn.ModuleList(nn.Embedding(c.num_labels + 1, d) for c in cfg.conditions)
+        self.time_embedding = TimeEmbedding(d) if cfg.time_conditioning else None
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.head = nn.Linear(d, cfg.num_bins)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN maps and zero output head."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for adaln in [*(block.adaln for block in self.blocks), self.final_adaln]:
+            nn.init.zeros_(adaln[-1].weight)
+            nn.init.zeros_(adaln[-1].bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def condition(self, batch_size: int, device: torch.device, cond: Tensor | None, t: Tensor | None) -> Tensor:
+        """The conditioning vector [B, D]: sum of condition embeddings (+ time embedding).
+
+        ``cond=None`` means every condition is null. In training mode each condition is independently replaced
+        by null with its ``dropout`` probability, which trains the unconditional branch for guidance.
+        """
+        c = torch.zeros(batch_size, self.cfg.d_model, device=device)
+        if self.cond_embeddings:
+            if cond is None:
+                cond = torch.zeros(batch_size, len(self.cond_embeddings), dtype=torch.long, device=device)
+            if cond.shape != (batch_size, len(self.cond_embeddings)):
+                raise ValueError(
+                    f"cond has shape {tuple(cond.shape)}, expected [{batch_size}, {len(self.cond_embeddings)}]"
+                )
+            for i, (embedding, spec) in enumerate(zip(self.cond_embeddings, self.cfg.conditions, strict=True)):
+                labels = cond[:, i]
+                if self.training and spec.dropout > 0:
+                    labels = labels.masked_fill(torch.rand(batch_size, device=device) < spec.dropout, 0)
+                c = c + embedding(labels)
+        if self.time_embedding is not None:
+            if t is None:
+                raise ValueError("model.time_conditioning is on: pass the diffusion time t")
+            c = c + self.time_embedding(t)
+        return c
+
+    def hidden(
+        self,
+        gene_ids: Tensor,
+        expr: Tensor,
+        attention_mask: Tensor,
+        cond: Tensor | None = None,
+        t: Tensor | None = None,
+    ) -> Tensor:
+        """Final normed, modulated hidden states float32 [B, L, D] (cell embedding: ``[:, 0]`` or a mean-pool)."""
+        x = self.gene_embedding(gene_ids) + self.expr_embedding(expr)
+        c = self.condition(gene_ids.shape[0], gene_ids.device, cond, t)
+        key_mask = attention_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, c, key_mask)
+        shift, scale = self.final_adaln(c)[:, None, :].chunk(2, dim=-1)
+        return modulate(self.final_norm(x), shift, scale).float()
+
+    def forward(
+        self,
+        gene_ids: Tensor,
+        expr: Tensor,
+        attention_mask: Tensor,
+        cond: Tensor | None = None,
+        t: Tensor | None = None,
+    ) -> Tensor:
+        h = self.hidden(gene_ids, expr, attention_mask, cond, t)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.head(h)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        params = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            params -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return params
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per position for sequences of ``seq_len``: for MFU.
+
+        ``6 * (matmul weights applied per position) + 12 * n_layers * d_model * seq_len`` (attention scores and
+        values, PaLM appendix B). Embedding lookups and the once-per-cell adaLN maps are not counted.
+        """
+        d, hidden = self.cfg.d_model, int(self.cfg.d_model * self.cfg.mlp_ratio)
+        per_block = 4 * d * d + 2 * d * hidden
+        weights = self.cfg.n_layers * per_block + d * self.cfg.num_bins
+        return 6 * weights + 12 * self.cfg.n_layers * d * seq_len
