@@ -32,6 +32,11 @@ class DataConfig:
     shuffle_seed: int = 17
     num_workers: int = 2
     eval_subset_num_batches: int = -1
+    # The shuffle depends on num_canonical_nodes, not on the number of ranks or nodes reading it: pin it so
+    # a run resized (or resumed on another cluster shape) sees the same sample order. None: Streaming's default.
+    num_canonical_nodes: int | None = None
+    predownload: int | None = None  # samples to download ahead per worker (None: Streaming's default)
+    cache_limit: str | None = None  # e.g. "100gb": evict shards from the local cache above this size
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -67,8 +72,20 @@ class ParallelismConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2  # deepspeed engine only
     offload_optimizer: bool = False
     offload_params: bool = False
+    fsdp_state_dict_type: Literal["sharded", "full"] = "sharded"  # sharded: each rank saves its own shard
     activation_checkpointing: bool = False
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.replicate_degree < 1:
+            raise ConfigError(f"parallelism.replicate_degree: must be >= 1, got {self.replicate_degree}")
+        if self.engine == "deepspeed" and self.strategy not in ("none", "ddp"):
+            raise ConfigError(
+                f"parallelism.strategy: '{self.strategy}' is a composer-engine strategy; the deepspeed engine "
+                "shards with parallelism.zero_stage"
+            )
+        if self.strategy == "hsdp" and self.replicate_degree < 2:
+            raise ConfigError("parallelism.replicate_degree: hsdp needs >= 2 replicas (e.g. the number of nodes)")
 
 
 @dataclass
@@ -91,6 +108,10 @@ class TrainerConfig:
     hf_export_interval: str | None = None
     log_to_console: bool = True
     console_log_interval: str = "10ba"
+    log_file: str | None = None  # also write every logged metric to this file (Composer FileLogger)
+    # Peak FLOP/s of one device for MFU. GPUs are detected by Composer; set this on CPU (or unknown GPUs).
+    peak_flops_per_device: float | None = None
+    speed_window_size: int = 10  # batches averaged by the speed monitor
     wandb_project: str | None = None  # set to log to Weights & Biases (WANDB_MODE=offline works)
     wandb_entity: str | None = None
     progress_bar: bool = True
@@ -107,6 +128,11 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
+        batch, micro = self.trainer.global_train_batch_size, self.trainer.device_train_microbatch_size
+        if batch < 1:
+            raise ConfigError(f"trainer.global_train_batch_size: must be positive, got {batch}")
+        if micro == "auto" and not (self.parallelism.strategy == "fsdp" and self.parallelism.fsdp_version == 1):
+            raise ConfigError("trainer.device_train_microbatch_size: 'auto' needs parallelism fsdp_version 1 (GPU)")
         if self.model.num_bins != self.data.binning.num_bins:
             raise ConfigError(
                 f"model.num_bins={self.model.num_bins} must equal data.binning.num_bins={self.data.binning.num_bins}"

@@ -1,0 +1,177 @@
+"""Builders: one function per training ingredient, from the typed ``RunConfig`` to Composer objects.
+
+Both engines (Composer and DeepSpeed) call these, so the optimizer, the learning-rate curve, the loggers and
+the precision policy are defined once. Like llm-foundry's builders, but typed: the config was validated
+before we got here, so these functions only translate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from composer.algorithms import EMA, GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import Algorithm, Callback, Time, TimeUnit
+from composer.loggers import FileLogger, LoggerDestination, WandBLogger
+from composer.optim import (
+    ComposerScheduler,
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    DecoupledAdamW,
+    LinearWithWarmupScheduler,
+)
+from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+from ddsc.config import ConfigError, to_dict
+from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
+
+
+def resolve_device(trainer: TrainerConfig) -> str:
+    """``cpu`` or ``gpu``; ``auto`` picks the GPU when one is visible."""
+    if trainer.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if trainer.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'gpu' requested but no CUDA device is visible")
+    return trainer.device
+
+
+def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.dtype | None]:
+    """(precision handed to the engine, dtype the model wrapper autocasts to itself).
+
+    On GPU Composer runs ``amp_bf16`` itself. Composer refuses any precision but fp32 on CPU, although CPU bf16
+    autocast is several times faster than fp32 matmuls on recent x86 cores, so on CPU the engine runs "fp32"
+    and ``DDSCComposerModel.forward`` autocasts to bf16 (weights, optimizer state and the loss stay fp32).
+    """
+    want = trainer.precision
+    if device == "gpu":
+        if want == "auto":
+            return ("amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"), None
+        return want, None
+    if want == "amp_fp16":
+        raise ConfigError("trainer.precision: amp_fp16 needs a GPU (use amp_bf16 or auto on CPU)")
+    if want in ("auto", "amp_bf16"):
+        return "fp32", torch.bfloat16
+    return "fp32", None
+
+
+def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    """DecoupledAdamW (weight decay not scaled by the LR, as in Composer / llm-foundry) or torch AdamW."""
+    cls = DecoupledAdamW if cfg.name == "decoupled_adamw" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: SchedulerConfig) -> ComposerScheduler:
+    if cfg.name == "cosine_with_warmup":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=cfg.t_warmup, alpha_f=cfg.alpha_f)
+    if cfg.name == "linear_with_warmup":
+        return LinearWithWarmupScheduler(t_warmup=cfg.t_warmup, alpha_f=cfg.alpha_f)
+    return ConstantWithWarmupScheduler(t_warmup=cfg.t_warmup)
+
+
+def batches(duration: str, key: str) -> int:
+    """A duration such as ``"500ba"`` in batches (the DeepSpeed engine counts optimizer steps only)."""
+    try:
+        time = Time.from_timestring(duration)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if time.unit != TimeUnit.BATCH:
+        raise ConfigError(f"{key}: the deepspeed engine needs a duration in batches (e.g. '1000ba'), got {duration}")
+    return int(time.value)
+
+
+def lr_multiplier(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
+    """The LR multiplier of ``build_scheduler(cfg)`` at batch ``step``: the same curve for the DeepSpeed engine."""
+    warmup = batches(cfg.t_warmup, "scheduler.t_warmup")
+    if step < warmup:
+        return step / warmup
+    if cfg.name == "constant_with_warmup":
+        return 1.0
+    frac = min(1.0, (step - warmup) / (max_steps - warmup)) if max_steps > warmup else 0.0
+    if cfg.name == "linear_with_warmup":
+        return 1.0 + frac * (cfg.alpha_f - 1.0)
+    return cfg.alpha_f + (1.0 - cfg.alpha_f) * (1.0 + math.cos(frac * math.pi)) / 2.0
+
+
+def build_algorithms(trainer: TrainerConfig) -> list[Algorithm]:
+    algorithms: list[Algorithm] = []
+    if trainer.grad_clip_norm > 0:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=trainer.grad_clip_norm))
+    if trainer.ema_decay is not None:
+        algorithms.append(EMA(half_life=None, smoothing=trainer.ema_decay, update_interval="1ba"))
+    return algorithms
+
+
+def build_callbacks(trainer: TrainerConfig, device: str) -> list[Callback]:
+    """Speed (throughput and MFU), LR, optimizer norms, runtime estimate; GPU memory on GPU."""
+    callbacks: list[Callback] = [
+        SpeedMonitor(window_size=trainer.speed_window_size, gpu_flops_available=trainer.peak_flops_per_device),
+        LRMonitor(),
+        OptimizerMonitor(),
+        RuntimeEstimator(),
+    ]
+    if device == "gpu":
+        callbacks.append(MemoryMonitor())
+    return callbacks
+
+
+def build_loggers(config: RunConfig) -> list[LoggerDestination]:
+    """W&B when ``trainer.wandb_project`` is set (``WANDB_MODE=offline`` works), a file logger when asked.
+
+    Console logging is the Trainer's own ``log_to_console``.
+    """
+    trainer = config.trainer
+    loggers: list[LoggerDestination] = []
+    if trainer.wandb_project:
+        loggers.append(
+            WandBLogger(
+                project=trainer.wandb_project,
+                entity=trainer.wandb_entity,
+                name=trainer.run_name,
+                init_kwargs={"config": to_dict(config), "dir": os.environ.get("WANDB_DIR")},
+            )
+        )
+    if trainer.log_file:
+        loggers.append(FileLogger(filename=trainer.log_file, log_interval=1, flush_interval=1))
+    return loggers
+
+
+def build_parallelism(cfg: ParallelismConfig, world_size: int, device: str) -> dict[str, Any] | None:
+    """Composer ``parallelism_config``; None means DDP (Composer wraps in DDP whenever world_size > 1).
+
+    FSDP2 (``fully_shard``) is the default and the only FSDP that runs on CPU; HSDP is FSDP with a 2-D device
+    mesh: ``replicate_degree`` replicas (typically nodes) each fully sharding the model across its ranks.
+    """
+    if cfg.strategy in ("none", "ddp"):
+        return None
+    replicate = cfg.replicate_degree if cfg.strategy == "hsdp" else 1
+    if world_size % replicate:
+        raise ConfigError(f"parallelism.replicate_degree={replicate} does not divide the world size {world_size}")
+    if cfg.fsdp_version == 1:
+        if device != "gpu":
+            raise ConfigError("parallelism.fsdp_version: FSDP1 needs a GPU in Composer 0.32; use 2 on CPU")
+        fsdp = FSDPConfig(
+            sharding_strategy="HYBRID_SHARD" if replicate > 1 else "FULL_SHARD",
+            data_parallel_replicate_degree=replicate if replicate > 1 else None,
+            state_dict_type=cfg.fsdp_state_dict_type,
+            activation_checkpointing=cfg.activation_checkpointing,
+            mixed_precision="DEFAULT",
+        )
+        return {"fsdp": fsdp}
+    mesh = None
+    if replicate > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            "cuda" if device == "gpu" else "cpu",
+            (replicate, world_size // replicate),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )
+    fsdp2 = FSDP2Config(
+        device_mesh=mesh,
+        state_dict_type=cfg.fsdp_state_dict_type,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
+    return {"fsdp": fsdp2}

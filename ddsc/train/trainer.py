@@ -1,0 +1,217 @@
+"""``train(config)``: everything ``launch/train.py`` runs, top-down, for either engine.
+
+The shared part (labels -> model config, collator, streaming loaders, model wrapper) is built here once; the
+Composer engine hands it to ``composer.Trainer`` (DDP / FSDP2 / HSDP, checkpoints, autoresume, loggers), the
+DeepSpeed engine (``ddsc.train.deepspeed_engine``) runs its own loop over the same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.utils import dist
+
+from ddsc.config import ConfigError
+from ddsc.data.collator import CellCollator
+from ddsc.data.labels import LabelVocab
+from ddsc.data.streaming import build_dataloader, check_streams, is_remote, stream_root
+from ddsc.model.config import ModelConfig
+from ddsc.train.config import RunConfig
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports: where it stands and its last metrics."""
+
+    batches: int
+    samples: int
+    wall_s: float
+    metrics: dict[str, float]
+
+    def format(self) -> str:
+        parts = [f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())]
+        return f"trained {self.batches} batches ({self.samples} cells) in {self.wall_s:.1f}s: " + " ".join(parts)
+
+
+def labels_path(config: RunConfig) -> str | None:
+    """``data.labels``, else ``labels.json`` beside the first stream's splits (where data_prep writes it)."""
+    if config.data.labels:
+        return config.data.labels
+    if not config.model.conditions:
+        return None
+    root = stream_root(next(iter(config.data.streams.values())))
+    if is_remote(root):
+        raise ConfigError("data.labels: set the path of labels.json (conditions need the label vocabulary)")
+    return str(Path(root) / "labels.json")
+
+
+def load_labels(config: RunConfig) -> LabelVocab | None:
+    path = labels_path(config)
+    if path is None:
+        return None
+    try:
+        return LabelVocab.from_json(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.labels: {err}") from None
+
+
+def resolve_model_config(model: ModelConfig, labels: LabelVocab | None) -> ModelConfig:
+    """Fill each condition's ``num_labels`` from the label vocabulary (a set value must agree with it)."""
+    conditions = []
+    for cond in model.conditions:
+        if labels is None:
+            raise ConfigError(f"model.conditions: '{cond.name}' needs data.labels")
+        try:
+            n = labels.num_labels(cond.name)
+        except KeyError:
+            raise ConfigError(f"model.conditions: '{cond.name}' is not a column of data.labels") from None
+        if cond.num_labels not in (0, n):
+            raise ConfigError(f"model.conditions.{cond.name}.num_labels={cond.num_labels} but labels.json has {n}")
+        conditions.append(dataclasses.replace(cond, num_labels=n))
+    return dataclasses.replace(model, conditions=conditions)
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing."""
+    return dataclasses.replace(config, model=resolve_model_config(config.model, load_labels(config)))
+
+
+def device_batch_size(config: RunConfig, world_size: int) -> int:
+    batch = config.trainer.global_train_batch_size
+    if batch % world_size:
+        raise ConfigError(f"trainer.global_train_batch_size={batch} is not divisible by the {world_size} ranks")
+    return batch // world_size
+
+
+def build_loaders(config: RunConfig, world_size: int):
+    """(train loader, eval loader or None) over the MDS streams, batched per rank."""
+    data = config.data
+    collator = CellCollator(
+        max_length=data.max_length,
+        binning=data.binning,
+        labels=load_labels(config),
+        conditions=[c.name for c in config.model.conditions],
+        seed=config.trainer.seed,
+        gene_vocab_size=config.model.gene_vocab_size,
+    )
+    train = build_dataloader(data, data.train_split, device_batch_size(config, world_size), collator, train=True)
+    evaluation = None
+    if data.eval_split:
+        batch = config.trainer.device_eval_batch_size
+        evaluation = build_dataloader(data, data.eval_split, batch, collator, train=False)
+    return train, evaluation
+
+
+def check_data(config: RunConfig) -> None:
+    """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists."""
+    from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
+
+    check_streams(config.data, config.data.train_split)
+    if config.data.eval_split:
+        check_streams(config.data, config.data.eval_split)
+    resolved = resolve_run_config(config)
+    save_folder = resolve_save_folder(config)
+    if save_folder and config.trainer.autoresume:
+        saved = read_saved_config(save_folder)
+        if saved is not None:
+            check_compatible(saved, resolved)
+
+
+def train(config: RunConfig) -> TrainSummary:
+    config = resolve_run_config(config)
+    if config.parallelism.engine == "deepspeed":
+        from ddsc.train.deepspeed_engine import train_deepspeed
+
+        return train_deepspeed(config)
+    return _train_composer(config)
+
+
+def _train_composer(config: RunConfig) -> TrainSummary:
+    from composer import Trainer
+    from composer.utils import get_device, reproducibility
+
+    from ddsc.train.builders import (
+        build_algorithms,
+        build_callbacks,
+        build_loggers,
+        build_optimizer,
+        build_parallelism,
+        build_scheduler,
+        resolve_device,
+        resolve_precision,
+    )
+    from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
+    from ddsc.train.composer_model import DDSCComposerModel
+    from ddsc.train.run_folder import resolve_save_folder
+
+    trainer_cfg, par = config.trainer, config.parallelism
+    device = resolve_device(trainer_cfg)
+    precision, autocast_dtype = resolve_precision(trainer_cfg, device)
+    world_size = dist.get_world_size()
+    parallelism = None
+    if par.strategy in ("fsdp", "hsdp"):
+        dist.initialize_dist(get_device(device))  # HSDP's device mesh needs the process group first
+        parallelism = build_parallelism(par, world_size, device)
+
+    save_folder = resolve_save_folder(config)
+    callbacks = [*build_callbacks(trainer_cfg, device), ResetEvalNoise(), SeedEachBatch(trainer_cfg.seed)]
+    if save_folder:
+        callbacks.append(SaveResolvedConfig(config, save_folder))
+
+    train_loader, eval_loader = build_loaders(config, world_size)
+    reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun
+    model = DDSCComposerModel(config.model, config.diffusion, autocast_dtype)
+    if par.activation_checkpointing and parallelism is None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
+    optimizer = build_optimizer(config.optimizer, model.parameters())
+
+    trainer = Trainer(
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        eval_interval=trainer_cfg.eval_interval,
+        eval_subset_num_batches=config.data.eval_subset_num_batches,
+        max_duration=trainer_cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=build_scheduler(config.scheduler),
+        step_schedulers_every_batch=True,
+        device=device,
+        precision=precision,
+        parallelism_config=parallelism,
+        device_train_microbatch_size=trainer_cfg.device_train_microbatch_size,
+        algorithms=build_algorithms(trainer_cfg),
+        callbacks=callbacks,
+        loggers=build_loggers(config),
+        run_name=trainer_cfg.run_name,
+        seed=trainer_cfg.seed,
+        save_folder=save_folder,
+        save_interval=trainer_cfg.save_interval,
+        save_num_checkpoints_to_keep=trainer_cfg.save_num_checkpoints_to_keep,
+        autoresume=trainer_cfg.autoresume,
+        # A crash can leave a checkpoint newer than the one `latest` points to (killed before the symlink
+        # moved); the resumed run recomputes those batches and must be allowed to replace that file.
+        save_overwrite=trainer_cfg.autoresume,
+        log_to_console=trainer_cfg.log_to_console,
+        console_log_interval=trainer_cfg.console_log_interval,
+        progress_bar=trainer_cfg.progress_bar,
+        compile_config={} if par.compile else None,
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    state = trainer.state
+    metrics = {f"train/{k}": float(m.compute()) for k, m in state.train_metrics.items()}
+    for label, group in state.eval_metrics.items():
+        metrics.update({f"{label}/{k}": float(m.compute()) for k, m in group.items()})
+    summary = TrainSummary(
+        batches=int(state.timestamp.batch),
+        samples=int(state.timestamp.sample),
+        wall_s=time.perf_counter() - start,
+        metrics=metrics,
+    )
+    trainer.close()
+    return summary

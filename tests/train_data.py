@@ -1,0 +1,45 @@
+"""Synthetic MDS datasets for the training tests, written directly with streaming.MDSWriter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from streaming import MDSWriter
+
+from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS
+
+LINES = ["CVCL_A", "CVCL_B", "CVCL_C"]
+DRUGS = ["DMSO_TF", "drugX"]
+
+
+def write_mds(
+    root: Path,
+    n_train: int = 64,
+    n_valid: int = 16,
+    genes: int = 200,
+    max_genes: int = 40,
+    seed: int = 0,
+    name: str = "synth",
+):
+    """``root/{train,valid}`` with cells whose counts follow their cell line (so there is something to learn)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        with MDSWriter(out=str(root / split), columns=MDS_COLUMNS, compression="zstd", size_limit=1 << 14) as out:
+            for i in range(n):
+                line = i % len(LINES)
+                k = int(rng.integers(5, max_genes + 1))
+                gene_ids = np.sort(rng.choice(np.arange(3, genes), size=k, replace=False)).astype(np.int32)
+                counts = (1 + rng.poisson(1 + (gene_ids % (line + 2)) * 3)).astype(np.int32)
+                sample = {name: "" for name in METADATA_COLUMNS}
+                sample.update(
+                    cell_id=f"{name}-{split}-{i}",
+                    genes=gene_ids,
+                    counts=counts,
+                    cell_line_id=LINES[line],
+                    drug=DRUGS[i % 2],
+                )
+                out.write(sample)
+    (root / LABELS_FILE).write_text(json.dumps({"cell_line_id": LINES, "drug": DRUGS}))
+    return root
