@@ -1,0 +1,1 @@
+"""``ddsc`` subcommands for using a trained model: export, impute, generate, embed."""

@@ -1,0 +1,54 @@
+"""Arguments shared by the commands that load an exported model (impute, generate, embed)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported model folder (ddsc export)")
+    parser.add_argument("--output", required=True, help="output .h5ad")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_predictor(args: argparse.Namespace):
+    from ddsc.inference import Predictor
+
+    return Predictor.from_pretrained(
+        args.model, device=args.device, precision=args.precision, batch_size=args.batch_size
+    )
+
+
+def read_input(path: str):
+    import anndata
+
+    return anndata.read_h5ad(path)
+
+
+def write_output(adata, path: str) -> None:
+    """Write under a temporary name and rename, so an interrupted run leaves no complete-looking file."""
+    import os
+
+    partial = f"{path}.partial"
+    adata.write_h5ad(partial)
+    os.replace(partial, path)
+
+
+def user_errors(run):
+    """Bad input (missing file, unknown gene or label, bad value) -> one line on stderr and exit status 2."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"ddsc {args.command}: error: {message}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -1,0 +1,580 @@
+"""Using a trained model on AnnData: impute (inpaint) masked entries, generate cells, embed cells.
+
+``Predictor.from_pretrained(dir)`` loads an export folder (``ddsc export``). AnnData features are mapped to
+the model's gene vocabulary by Ensembl id, falling back to a unique symbol (``GeneVocab``); unmatched features
+are ignored and counted.
+
+How a cell is fed to the model. Its positions are its non-zero entries plus the entries to predict (which may
+be zero or unknown). Bins come from the *observed* entries only: a hidden count must not leak into the bin
+edges of the counts that stay visible. A cell with more positions than the model saw in training
+(``max_genes``) is split into random chunks of at most ``max_genes`` positions, every chunk seeing the same
+per-cell bins, so every entry is predicted (and embeddings average over the chunks) instead of dropping genes.
+
+Count scale. Bins are turned back into counts with a representative count per bin and cell (``bin_values``):
+for per-cell quantile bins the cell's own observed quantile at the middle of the bin, for the fixed-edge
+schemes the middle of the bin mapped back to counts. ``ddsc_imputed`` holds the expectation of that value
+under the model's predicted distribution at hidden entries and the observed counts elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ddsc.config import from_dict
+from ddsc.data.anndata_source import FeatureMapping, map_features
+from ddsc.data.binning import nonzero_bins
+from ddsc.data.binning_config import BinningConfig
+from ddsc.data.collator import CellCollator, pad_cells
+from ddsc.data.labels import LabelVocab
+from ddsc.data.readers import _column
+from ddsc.data.tokens import GENE_CLS, GENE_PAD
+from ddsc.data.vocab import GeneVocab
+from ddsc.diffusion.config import DiffusionConfig
+from ddsc.diffusion.samplers import sample
+from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, check_labels
+from ddsc.model.hf import DDSCConfig, DDSCModel
+
+ImputeMethod = Literal["argmax", "ancestral", "first_hitting", "confidence"]
+Precision = Literal["auto", "fp32", "bf16"]
+ENSEMBL_COLUMNS = ("gene_ids", "ensembl_id", "gene_id", "ensembl_ids")
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
+
+
+def check_model_folder(model_dir: str | Path) -> Path:
+    """A clear error naming every missing file, instead of a stack trace from the first loader that fails."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: not a complete DDSC model folder, missing {', '.join(missing)} (write one with `ddsc export`)"
+        )
+    return folder
+
+
+def var_features(var) -> tuple[list[str], list[str]]:
+    """(Ensembl ids, symbols) of AnnData ``var``, with the column conventions of ``ddsc.data.readers``."""
+    index = [str(v) for v in var.index]
+    ensembl = _column(var, ENSEMBL_COLUMNS)
+    if ensembl is None and index and all(v.startswith("ENS") for v in index[:100]):
+        ensembl = index
+    symbols = _column(var, SYMBOL_COLUMNS)
+    if symbols is None:
+        symbols = [""] * len(index) if ensembl is index else index
+    return ensembl or [""] * len(index), symbols
+
+
+def row_quantiles(values: Tensor, valid: Tensor, q: Tensor) -> Tensor:
+    """Per-row ``torch.quantile(row[valid], q)`` (linear interpolation), float64 [B, len(q)]; 0 for empty rows."""
+    ordered = values.double().masked_fill(~valid, math.inf).sort(dim=1).values
+    n = valid.sum(dim=1, keepdim=True)
+    ranks = q.double()[None, :] * (n - 1).clamp(min=0)
+    below, above = ranks.floor().long(), ranks.ceil().long()
+    out = torch.lerp(ordered.gather(1, below), ordered.gather(1, above), ranks - below)
+    return out.masked_fill(n == 0, 0.0)
+
+
+def bin_values(counts: Tensor, observed: Tensor, cfg: BinningConfig, library_size: Tensor) -> Tensor:
+    """A representative raw count per bin and cell, float64 [B, K] (the inverse of ``bin_counts``).
+
+    ``quantile``: the cell's observed quantile at the middle of the bin's quantile range; fixed-edge schemes:
+    the middle of the bin mapped back to counts. The zero bin (``zero_fraction > 0``) is 0.
+    """
+    first, k = nonzero_bins(cfg)
+    middle = (torch.arange(k, dtype=torch.float64, device=counts.device) + 0.5) / k
+    if cfg.method == "quantile":
+        # quantiles at j / (2k), j = 1..2k-1: the odd ones are the bin middles (2b + 1) / (2k)
+        values = row_quantiles(counts, observed & (counts > 0), middle)
+    elif cfg.method == "global_log1p":
+        scale = library_size.double().clamp(min=1.0)[:, None] / cfg.target_sum
+        values = torch.expm1(middle * cfg.max_value)[None, :] * scale
+    elif cfg.method == "log_uniform":
+        values = torch.exp(middle * math.log(cfg.max_count)).expand(len(counts), k)
+    else:
+        values = (middle * cfg.max_count).expand(len(counts), k)
+    zeros = torch.zeros(len(counts), first, dtype=torch.float64, device=counts.device)
+    return torch.cat([zeros, values], dim=1)
+
+
+@dataclass
+class CellEntries:
+    """Cells as ragged positions (flat arrays, CSR-style ``offsets``): the entries the model sees per cell."""
+
+    offsets: np.ndarray  # int64 [n_cells + 1]
+    tokens: np.ndarray  # int64 [nnz] gene token ids
+    counts: np.ndarray  # float32 [nnz] (0 or unknown at hidden entries)
+    columns: np.ndarray  # int64 [nnz] AnnData var column of each entry
+    hidden: np.ndarray  # bool [nnz] entries to predict
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.offsets) - 1
+
+    def cell(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+@dataclass
+class RowBatch:
+    """Model rows (cells or chunks of cells) ready for the DiT, plus where each position came from."""
+
+    batch: dict[str, Tensor]  # gene_ids, expr, attention_mask, real, cond
+    observed: Tensor  # bool [R, L]
+    flat: Tensor  # int64 [R, L]: index into CellEntries' flat arrays, -1 at cls / padding
+    cell: Tensor  # int64 [R]: index of the row's cell within the cell batch
+    values: Tensor  # float64 [B, K]: bin_values of the cell batch
+
+
+class Predictor:
+    """A loaded model plus everything needed to feed it user data (vocab, labels, binning, diffusion)."""
+
+    def __init__(
+        self,
+        model: DDSCModel,
+        vocab: GeneVocab,
+        labels: LabelVocab,
+        device: str | torch.device = "cpu",
+        precision: Precision = "auto",
+        batch_size: int = 64,
+        progress: bool = True,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config: DDSCConfig = model.config
+        self.vocab = vocab
+        self.labels = labels
+        check_labels(self.config, labels)
+        self.binning = from_dict(BinningConfig, self.config.binning)
+        self.diffusion = from_dict(DiffusionConfig, self.config.diffusion)
+        self.tokens = self.config.tokens
+        self.max_length = self.config.max_genes
+        self.conditions = self.config.condition_names
+        # Bins user counts exactly as in training (``bins_for``); conditions are encoded by ``_cond``.
+        self.collator = CellCollator(self.max_length, self.binning, labels, self.conditions)
+        self.autocast_dtype = _autocast_dtype(precision, self.device)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", precision: Precision = "auto", **kwargs):
+        folder = check_model_folder(model_dir)
+        model = DDSCModel.from_pretrained(folder)
+        return cls(
+            model,
+            GeneVocab.from_json(folder / VOCAB_FILE),
+            LabelVocab.from_json(folder / LABELS_FILE),
+            device=device,
+            precision=precision,
+            **kwargs,
+        )
+
+    # ---------------------------------------------------------------- AnnData -> entries
+    def map_genes(self, adata) -> FeatureMapping:
+        """Token id per AnnData feature (-1 unmatched); an error when no feature is in the vocabulary."""
+        ensembl, symbols = var_features(adata.var)
+        mapping = map_features(self.vocab, ensembl, symbols)
+        matched = int(np.count_nonzero(mapping.tokens >= 0))
+        if matched == 0:
+            raise ValueError(
+                f"none of the {adata.n_vars} AnnData genes is in the model's gene vocabulary (matched 0 of "
+                f"{adata.n_vars} by Ensembl id or symbol; first genes: {', '.join(map(str, adata.var_names[:3]))}); "
+                f"var needs Ensembl ids ({'/'.join(ENSEMBL_COLUMNS)} or the index) or symbols"
+            )
+        return mapping
+
+    def _matrix(self, adata, layer: str | None) -> sp.csr_matrix:
+        x = adata.X if layer is None else adata.layers[layer]
+        x = sp.csr_matrix(x, dtype=np.float32)
+        bad = ~np.isfinite(x.data) | (x.data < 0)
+        if bad.any():
+            row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+            raise ValueError(
+                f"{layer or 'X'}: cell {adata.obs_names[row]!r} (row {row}) has a negative or NaN "
+                "value; the model needs raw counts"
+            )
+        return x
+
+    def entries(self, adata, hide: sp.csr_matrix | None = None, layer: str | None = None) -> CellEntries:
+        """Per cell: its non-zero matched entries plus the ``hide`` entries (matched genes only)."""
+        mapping = self.map_genes(adata)
+        x = self._matrix(adata, layer)
+        known = mapping.tokens >= 0
+        keep = x.copy()
+        keep.data = np.ones_like(keep.data)
+        if hide is not None:
+            keep = keep.maximum(hide.astype(np.float32))
+        keep = (keep @ sp.diags(known.astype(np.float32))).tocsr()
+        keep.eliminate_zeros()
+        keep.sort_indices()
+        rows = np.repeat(np.arange(keep.shape[0]), np.diff(keep.indptr))
+        counts = np.asarray(x[rows, keep.indices]).ravel() if keep.nnz else np.zeros(0, np.float32)
+        hidden = (np.asarray(hide[rows, keep.indices]).ravel() > 0) if hide is not None else np.zeros(keep.nnz, bool)
+        return CellEntries(
+            keep.indptr.astype(np.int64),
+            mapping.tokens[keep.indices],
+            counts.astype(np.float32),
+            keep.indices.astype(np.int64),
+            hidden,
+        )
+
+    def samples_from_anndata(self, adata, layer: str | None = None) -> tuple[list[dict], int]:
+        """MDS-style samples (genes, counts, obs metadata as strings) and the number of matched genes."""
+        cells = self.entries(adata, layer=layer)
+        obs = adata.obs
+        samples = []
+        for i in range(cells.n_cells):
+            s = cells.cell(i)
+            meta = {col: str(obs[col].iloc[i]) for col in self.conditions if col in obs}
+            samples.append({"genes": cells.tokens[s].astype(np.int32), "counts": cells.counts[s], **meta})
+        return samples, int(np.count_nonzero(self.map_genes(adata).tokens >= 0))
+
+    # ---------------------------------------------------------------- batching
+    def _cond(self, columns: dict[str, Sequence[str]], n: int) -> Tensor:
+        """Label ids [n, C]; a condition missing from ``columns`` is null. Unknown labels are an error."""
+        unknown = sorted(set(columns) - set(self.conditions))
+        if unknown:
+            raise ValueError(f"the model has no condition {unknown[0]!r} (its conditions: {self.conditions or 'none'})")
+        ids = np.zeros((n, len(self.conditions)), dtype=np.int64)
+        for j, name in enumerate(self.conditions):
+            if name not in columns:
+                continue
+            values = [str(v) for v in columns[name]]
+            if len(values) not in (1, n):
+                raise ValueError(f"condition {name!r}: {len(values)} values for {n} cells (give 1 or {n})")
+            encoded = self.labels.encode(name, values)
+            unseen = sorted({v for v, i in zip(values, encoded, strict=True) if v and i == 0})
+            if unseen:
+                known = self.labels.labels[name]
+                raise ValueError(
+                    f"condition {name!r}: unknown label {unseen[0]!r} ({len(known)} known, e.g. "
+                    f"{', '.join(known[:5])}); use '' for the null label"
+                )
+            ids[:, j] = encoded
+        return torch.from_numpy(ids).to(self.device)
+
+    def _row_batches(self, cells: CellEntries, cond: Tensor, seed: int) -> Iterator[tuple[np.ndarray, RowBatch]]:
+        """Cell batches (their indices) and their model rows; long cells split into random chunks."""
+        rng = np.random.default_rng(seed)
+        for start in range(0, cells.n_cells, self.batch_size):
+            index = np.arange(start, min(start + self.batch_size, cells.n_cells))
+            yield index, self._rows(cells, index, cond[index], rng)
+
+    def _rows(self, cells: CellEntries, index: np.ndarray, cond: Tensor, rng: np.random.Generator) -> RowBatch:
+        slices = [cells.cell(i) for i in index]
+        gene_ids, counts, valid = pad_cells([cells.tokens[s] for s in slices], [cells.counts[s] for s in slices])
+        hidden, _, _ = pad_cells([cells.hidden[s].astype(np.int64) for s in slices], [cells.counts[s] for s in slices])
+        observed = valid & (hidden == 0)
+        library = (counts * observed).sum(dim=1, dtype=torch.float64)
+        bins = self.collator.bins_for(counts, observed, library)
+        expr = torch.where(observed, bins, torch.full_like(bins, self.tokens.mask))
+        values = bin_values(counts, observed, self.binning, library)
+
+        chunks = []  # (cell in batch, positions within the cell)
+        for b, s in enumerate(slices):
+            n = s.stop - s.start
+            parts = max(1, math.ceil(n / self.max_length))
+            chunks += [(b, part) for part in np.array_split(rng.permutation(n) if parts > 1 else np.arange(n), parts)]
+        width = 1 + max(len(p) for _, p in chunks)
+        position = torch.full((len(chunks), width), -1, dtype=torch.long)
+        for r, (_, part) in enumerate(chunks):
+            position[r, 1 : 1 + len(part)] = torch.from_numpy(part)
+        cell = torch.tensor([b for b, _ in chunks], dtype=torch.long)
+        real = position >= 0
+        gather = position.clamp(min=0)
+        rows_gene = torch.where(real, gene_ids[cell][torch.arange(len(chunks))[:, None], gather], GENE_PAD)
+        rows_expr = torch.where(real, expr[cell][torch.arange(len(chunks))[:, None], gather], self.tokens.pad)
+        rows_gene[:, 0], rows_expr[:, 0] = GENE_CLS, self.tokens.cls
+        rows_observed = real & observed[cell][torch.arange(len(chunks))[:, None], gather]
+        flat = torch.where(real, torch.as_tensor(cells.offsets[index])[cell][:, None] + gather, -1)
+        attention = real.clone()
+        attention[:, 0] = True
+        batch = {
+            "gene_ids": rows_gene,
+            "expr": rows_expr,
+            "attention_mask": attention,
+            "real": real,
+            "cond": cond.cpu()[cell],
+        }
+        return RowBatch(
+            {k: v.to(self.device) for k, v in batch.items()}, rows_observed.to(self.device), flat, cell, values
+        )
+
+    def _autocast(self) -> AbstractContextManager:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="cell", disable=not self.progress)
+
+    # ---------------------------------------------------------------- impute
+    def impute(
+        self,
+        adata,
+        mask_fraction: float | None = None,
+        mask=None,
+        genes: Sequence[str] | None = None,
+        layer: str | None = None,
+        method: ImputeMethod = "argmax",
+        steps: int = 16,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ):
+        """Predict hidden entries; observed entries are never changed. Returns a copy of ``adata`` with layers:
+
+        - ``ddsc_mask`` (sparse bool): the entries that were hidden and predicted;
+        - ``ddsc_bins`` (dense int16): observed bins at observed entries, predicted bins at hidden ones, -1 for
+          entries the model did not see (zeros not asked for, unmatched genes);
+        - ``ddsc_imputed`` (sparse float32): observed counts, and the expected count at hidden entries.
+
+        Hide entries by ``mask_fraction`` (of each cell's non-zero entries, drawn with ``seed``), by ``mask``
+        (cells x genes, boolean, dense or sparse) and/or by ``genes`` (var names: hidden in every cell, zero or
+        not). ``method``: ``argmax`` (one forward pass) or a sampler run for ``steps`` with observed entries fixed.
+        """
+        hide = self._hide_matrix(adata, mask_fraction, mask, genes, layer, seed)
+        cells = self.entries(adata, hide=hide, layer=layer)
+        cells.counts[cells.hidden] = 0.0
+        predicted = np.full(len(cells.tokens), -1, dtype=np.int64)
+        expected = cells.counts.astype(np.float64)
+        cond = torch.zeros(cells.n_cells, len(self.conditions), dtype=torch.long, device=self.device)
+        generator = self._generator(seed)
+        with self._bar(cells.n_cells, "impute") as bar, torch.no_grad(), self._autocast():
+            for index, rows in self._row_batches(cells, cond, seed):
+                logits = self.model(
+                    rows.batch["gene_ids"], rows.batch["expr"], rows.batch["attention_mask"], rows.batch["cond"]
+                )
+                probs = (logits.double() / temperature).softmax(dim=-1).cpu()
+                bins = probs.argmax(dim=-1)
+                if method != "argmax":
+                    bins = sample(
+                        self.model,
+                        rows.batch,
+                        method=method,
+                        steps=steps,
+                        temperature=temperature,
+                        observed=rows.observed,
+                        generator=generator,
+                        diffusion=self.diffusion,
+                    ).expr.cpu()
+                position = rows.flat >= 0
+                flat = rows.flat[position]
+                predicted[flat] = torch.where(rows.observed.cpu(), rows.batch["expr"].cpu(), bins)[position].numpy()
+                mean = (probs * rows.values[rows.cell][:, None, :]).sum(dim=-1)
+                hidden = torch.from_numpy(cells.hidden)[flat]
+                expected[flat[hidden]] = mean[position][hidden].numpy()
+                bar.update(len(index))
+        out = adata.copy()
+        shape = (cells.n_cells, adata.n_vars)
+        rows = np.repeat(np.arange(cells.n_cells), np.diff(cells.offsets))
+        out.layers["ddsc_mask"] = sp.csr_matrix((cells.hidden, (rows, cells.columns)), shape=shape, dtype=bool)
+        dense_bins = np.full(shape, -1, dtype=np.int16)
+        dense_bins[rows, cells.columns] = predicted
+        out.layers["ddsc_bins"] = dense_bins
+        out.layers["ddsc_imputed"] = sp.csr_matrix((expected.astype(np.float32), (rows, cells.columns)), shape=shape)
+        out.uns["ddsc_impute"] = {
+            "method": method,
+            "steps": steps,
+            "temperature": temperature,
+            "seed": seed,
+            "hidden_entries": int(cells.hidden.sum()),
+            **self._gene_report(adata),
+        }
+        return out
+
+    def _hide_matrix(self, adata, mask_fraction, mask, genes, layer, seed) -> sp.csr_matrix:
+        shape = (adata.n_obs, adata.n_vars)
+        hide = sp.csr_matrix(shape, dtype=bool)
+        if mask_fraction is not None:
+            if not 0.0 < mask_fraction < 1.0:
+                raise ValueError(f"mask_fraction must be in (0, 1), got {mask_fraction}")
+            x = self._matrix(adata, layer)
+            x.eliminate_zeros()
+            chosen = x.copy()
+            chosen.data = np.random.default_rng(seed).random(x.nnz) < mask_fraction
+            hide = hide + chosen.astype(bool)
+        if mask is not None:
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {shape} (cells x genes)")
+            hide = hide + sp.csr_matrix(mask, dtype=bool)
+        if genes is not None:
+            names = list(map(str, adata.var_names))
+            missing = [g for g in genes if g not in set(names)]
+            if missing:
+                raise ValueError(f"genes not in var_names: {', '.join(missing[:5])} ({len(missing)} of {len(genes)})")
+            columns = np.zeros(adata.n_vars, dtype=bool)
+            columns[[names.index(g) for g in genes]] = True
+            hide = hide + sp.csr_matrix(np.broadcast_to(columns, shape))
+        if mask_fraction is None and mask is None and genes is None:
+            raise ValueError("impute: give mask_fraction, mask or genes (what to hide and predict)")
+        return sp.csr_matrix(hide, dtype=bool)
+
+    def _gene_report(self, adata) -> dict[str, int]:
+        report = self.map_genes(adata).report()
+        return {
+            "genes": report["features"],
+            "matched_genes": report["features"] - report["unmatched"] - report["duplicate_token"],
+            "duplicate_genes": report["duplicate_token"],
+        }
+
+    # ---------------------------------------------------------------- embed
+    def embed(self, adata, layer: str | None = None, seed: int = 0):
+        """Cell embeddings of the clean cell (null conditions): ``obsm["X_ddsc_cls"]`` and ``obsm["X_ddsc_mean"]``.
+
+        CLS: the ``<cls>`` position's final hidden state (averaged over a long cell's chunks); mean: the average
+        over all the cell's gene positions. A cell with no matched non-zero gene gets a CLS embedding of the
+        empty cell and a zero mean embedding (counted in ``uns["ddsc_embed"]["empty_cells"]``).
+        """
+        cells = self.entries(adata, layer=layer)
+        width = self.config.d_model
+        cls = torch.zeros(cells.n_cells, width, dtype=torch.float64)
+        total = torch.zeros(cells.n_cells, width, dtype=torch.float64)
+        chunks = torch.zeros(cells.n_cells, dtype=torch.float64)
+        positions = torch.from_numpy(np.diff(cells.offsets)).double()
+        cond = torch.zeros(cells.n_cells, len(self.conditions), dtype=torch.long, device=self.device)
+        with self._bar(cells.n_cells, "embed") as bar, torch.no_grad(), self._autocast():
+            for index, rows in self._row_batches(cells, cond, seed):
+                b = rows.batch
+                h = self.model.hidden(b["gene_ids"], b["expr"], b["attention_mask"], b["cond"]).double().cpu()
+                target = torch.from_numpy(index)[rows.cell]
+                cls.index_add_(0, target, h[:, 0])
+                chunks.index_add_(0, target, torch.ones(len(target), dtype=torch.float64))
+                total.index_add_(0, target, (h * b["real"].cpu()[..., None]).sum(dim=1))
+                bar.update(len(index))
+        out = adata.copy()
+        out.obsm["X_ddsc_cls"] = (cls / chunks[:, None]).float().numpy()
+        out.obsm["X_ddsc_mean"] = (total / positions.clamp(min=1)[:, None]).float().numpy()
+        out.uns["ddsc_embed"] = {"empty_cells": int((positions == 0).sum()), **self._gene_report(adata)}
+        return out
+
+    # ---------------------------------------------------------------- generate
+    def panel_tokens(self, gene_panel: Sequence[str]) -> np.ndarray:
+        """Token ids of a gene panel given by Ensembl ids and/or symbols; an error for unknown or repeated genes."""
+        names = [str(g) for g in gene_panel]
+        tokens = self.vocab.ids_for(names, names)
+        unknown = [g for g, t in zip(names, tokens, strict=True) if t < 0]
+        if unknown:
+            raise ValueError(
+                f"gene panel: {len(unknown)} of {len(names)} genes are not in the model's vocabulary "
+                f"(matched {len(names) - len(unknown)}), e.g. {', '.join(unknown[:5])}"
+            )
+        if len(set(tokens.tolist())) != len(tokens):
+            raise ValueError("gene panel: a gene is listed twice")
+        if not 0 < len(tokens) <= self.max_length:
+            raise ValueError(f"gene panel: {len(tokens)} genes; the model takes 1 to {self.max_length} per cell")
+        return tokens
+
+    def generate(
+        self,
+        gene_panel: Sequence[str],
+        conditions: dict[str, Sequence[str]] | None = None,
+        n_cells: int = 1,
+        method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting",
+        steps: int = 32,
+        temperature: float = 1.0,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        trajectory_gif: str | Path | None = None,
+    ):
+        """De novo cells over ``gene_panel`` (same panel for every cell): an AnnData of expression bins.
+
+        ``conditions``: ``{column: values}`` with one value or one per cell; ``""`` or a missing column is the
+        null label (unconditional in that condition). ``X`` holds the generated bins (0..num_bins-1); ``obs`` the
+        conditions; ``uns["ddsc_generate"]`` the sampler settings and its number of forward passes.
+        ``trajectory_gif`` saves the denoising of the first batch as an animated GIF.
+        """
+        import anndata
+        import pandas as pd
+
+        tokens = torch.from_numpy(self.panel_tokens(gene_panel))
+        conditions = {k: [str(v) for v in vals] for k, vals in (conditions or {}).items()}
+        cond = self._cond(conditions, n_cells)
+        generator = self._generator(seed)
+        bins, nfe = [], 0
+        with self._bar(n_cells, "generate") as bar, self._autocast():
+            for start in range(0, n_cells, self.batch_size):
+                count = min(self.batch_size, n_cells - start)
+                batch = self._panel_batch(tokens, cond[start : start + count])
+                keep = trajectory_gif is not None and start == 0
+                out = sample(
+                    self.model,
+                    batch,
+                    method=method,
+                    steps=steps,
+                    temperature=temperature,
+                    guidance_scale=guidance_scale,
+                    generator=generator,
+                    return_trajectory=keep,
+                    diffusion=self.diffusion,
+                )
+                if keep:
+                    from ddsc.trajectory import save_trajectory_gif
+
+                    save_trajectory_gif([x[:, 1:].cpu() for x in out.trajectory], self.tokens, trajectory_gif)
+                bins.append(out.expr[:, 1:].cpu())
+                nfe += out.nfe
+                bar.update(count)
+        obs = pd.DataFrame(
+            {name: (vals * n_cells if len(vals) == 1 else vals) for name, vals in conditions.items()},
+            index=[f"generated_{i}" for i in range(n_cells)],
+        )
+        row_of = {t: i for i, t in enumerate(self.vocab.token_ids.tolist())}
+        where = [row_of[t] for t in tokens.tolist()]
+        var = pd.DataFrame(
+            {
+                "token_id": tokens.numpy(),
+                "ensembl_id": [self.vocab.ensembl_ids[i] for i in where],
+                "symbol": [self.vocab.symbols[i] for i in where],
+            },
+            index=[str(g) for g in gene_panel],
+        )
+        adata = anndata.AnnData(X=torch.cat(bins).numpy().astype(np.float32), obs=obs, var=var)
+        adata.uns["ddsc_generate"] = {
+            "method": method,
+            "steps": steps,
+            "temperature": temperature,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "nfe": nfe,
+        }
+        return adata
+
+    def _panel_batch(self, tokens: Tensor, cond: Tensor) -> dict[str, Tensor]:
+        n, length = len(cond), 1 + len(tokens)
+        gene_ids = torch.cat([torch.full((n, 1), GENE_CLS), tokens.expand(n, -1)], dim=1)
+        expr = torch.full((n, length), self.tokens.mask)
+        expr[:, 0] = self.tokens.cls
+        real = torch.ones(n, length, dtype=torch.bool)
+        real[:, 0] = False
+        batch = {
+            "gene_ids": gene_ids,
+            "expr": expr,
+            "attention_mask": torch.ones(n, length, dtype=torch.bool),
+            "real": real,
+        }
+        return {**{k: v.to(self.device) for k, v in batch.items()}, "cond": cond}
+
+
+def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it is fast and supported (CUDA with bf16), fp32 otherwise; ``bf16`` forces it."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None

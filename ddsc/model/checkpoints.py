@@ -1,0 +1,120 @@
+"""Read the DiT weights out of any training checkpoint: Composer (monolithic or sharded) or DeepSpeed ZeRO.
+
+Formats, as the trainers write them:
+
+- Composer monolithic: one ``.pt`` file, ``{"state": {"model": {...}, "optimizers": ...}, "rng": ...}``.
+  Loaded with ``weights_only=True`` plus an allowlist of the plain types Composer stores beside the tensors
+  (numpy arrays for the RNG state, a timedelta, the torch version): no arbitrary unpickling.
+- Composer sharded (FSDP2, ``torch.distributed.checkpoint``): a folder with ``.metadata`` and ``*.distcp``
+  files, keys flattened as ``state.model.<name>``. Only the model tensors are read (not the optimizer state),
+  without a process group.
+- DeepSpeed ZeRO (any stage): a save folder with a ``latest`` file and tag folders, or one tag folder.
+  ``deepspeed.utils.zero_to_fp32`` reassembles the fp32 master weights from the partitions.
+
+Composer's ``latest-rank0.pt`` symlink works for both Composer formats. Whatever wraps the DiT (the Composer
+model's ``model.`` attribute, DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, activation checkpointing)
+is stripped from the key names so the result loads into a bare ``DiT``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Wrapper prefixes anywhere in a key (DDP, torch.compile, activation checkpointing) and the DiT's attribute in
+# DDSCComposerModel (``model.``), removed in that order.
+_WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+_COMPOSER_ATTRIBUTE = "model."
+CONFIG_NAMES = ("config.yaml",)
+
+
+def _composer_safe_globals() -> list:
+    from torch.torch_version import TorchVersion
+
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.int32, np.uint64)]
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes, datetime.timedelta, TorchVersion]
+
+
+def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Key names as in a bare ``DiT``: wrapper prefixes removed, then the Composer model's ``model.``."""
+    keys = {k: _WRAPPERS.sub(r"\1", k) for k in state}
+    if keys and all(k.startswith(_COMPOSER_ATTRIBUTE) for k in keys.values()):
+        keys = {old: new[len(_COMPOSER_ATTRIBUTE) :] for old, new in keys.items()}
+    return {keys[k]: v for k, v in state.items()}
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """``composer``, ``composer_sharded`` or ``deepspeed``; a clear error for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    resolved = path.resolve()
+    if resolved.is_file():
+        return "composer"
+    if (resolved / ".metadata").is_file():
+        return "composer_sharded"
+    if (resolved / "latest").is_file() or any(resolved.glob("*model_states.pt")):
+        return "deepspeed"
+    raise ValueError(
+        f"{path}: not a checkpoint (expected a Composer .pt file, a folder with .metadata (Composer sharded) or a "
+        "DeepSpeed folder with a 'latest' file or *model_states.pt)"
+    )
+
+
+def _read_composer(path: Path) -> dict[str, Tensor]:
+    with torch.serialization.safe_globals(_composer_safe_globals()):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return checkpoint["state"]["model"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not a Composer checkpoint (no state.model)") from None
+
+
+def _read_composer_sharded(path: Path) -> dict[str, Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "state.model."
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{path}: sharded checkpoint without model tensors (no {prefix}* keys)")
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return {key[len(prefix) :]: value for key, value in state.items()}
+
+
+def _read_deepspeed(path: Path) -> dict[str, Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (path / "latest").is_file():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)  # a tag folder
+
+
+def read_model_state(path: str | Path) -> dict[str, Tensor]:
+    """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind."""
+    kind = checkpoint_kind(path)
+    resolved = Path(path).resolve()
+    reader = {"composer": _read_composer, "composer_sharded": _read_composer_sharded, "deepspeed": _read_deepspeed}
+    state = strip_wrappers(reader[kind](resolved))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def find_run_config(path: str | Path) -> Path | None:
+    """The run's ``config.yaml``: in the checkpoint folder or one of its two parents (the save folder)."""
+    path = Path(path)
+    start = path if path.is_dir() else path.parent
+    for folder in (start, *list(start.parents)[:2]):
+        for name in CONFIG_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    return None

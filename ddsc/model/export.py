@@ -1,0 +1,208 @@
+"""Training checkpoint -> Hugging Face folder that loads with or without ``ddsc`` installed.
+
+Folder layout (``write_hf_folder``)::
+
+    config.json          DDSCConfig: architecture, max_genes, binning, diffusion, auto_map
+    model.safetensors    the DiT weights (no pickle)
+    vocab.json           gene vocabulary (token id <-> Ensembl id <-> symbol)
+    labels.json          condition labels (id 0 = null); {} for an unconditional model
+    train_config.yaml    the exact resolved training config, when known
+    config.py dit.py tokens.py hf.py   the modelling code, for trust_remote_code
+
+The modelling code is ddsc's own source, copied verbatim except that ``from ddsc.<pkg>.<module> import`` becomes
+``from .<module> import``: transformers copies a remote-code module together with its relative imports, so
+the four files form a closed package of their own. The folder is written under a temporary name and renamed
+when complete, so an interrupted export never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddsc.config import load_config, to_dict
+from ddsc.data import tokens as tokens_module
+from ddsc.data.labels import LabelVocab
+from ddsc.data.vocab import GeneVocab
+from ddsc.model import config as model_config_module
+from ddsc.model import dit as dit_module
+from ddsc.model import hf as hf_module
+from ddsc.model.hf import DDSCConfig, DDSCModel
+
+# Shipped modules, by file name in the export; relative imports between them must stay inside this set.
+REMOTE_CODE_MODULES = {
+    "config.py": model_config_module,
+    "dit.py": dit_module,
+    "tokens.py": tokens_module,
+    "hf.py": hf_module,
+}
+AUTO_MAP = {"AutoConfig": "hf.DDSCConfig", "AutoModel": "hf.DDSCModel"}
+VOCAB_FILE = "vocab.json"
+LABELS_FILE = "labels.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+REQUIRED_FILES = ("config.json", "model.safetensors", VOCAB_FILE, LABELS_FILE)
+
+_DDSC_IMPORT = re.compile(r"^(\s*)from\s+ddsc(?:\.\w+)*\.(\w+)\s+import\b", re.MULTILINE)
+_ANY_DDSC_IMPORT = re.compile(r"^\s*(?:from|import)\s+ddsc\b.*$", re.MULTILINE)
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
+
+
+def relative_imports(source: str) -> str:
+    """``from ddsc.a.b import X`` -> ``from .b import X``; any other import of ``ddsc`` is an error."""
+    rewritten = _DDSC_IMPORT.sub(r"\1from .\2 import", source)
+    leftover = _ANY_DDSC_IMPORT.search(rewritten)
+    if leftover:
+        raise ValueError(f"cannot ship as remote code: {leftover.group(0).strip()!r} (use 'from ddsc.x.y import')")
+    return rewritten
+
+
+def remote_code_sources() -> dict[str, str]:
+    """``{file name: rewritten source}`` for the export.
+
+    Checks that the files import only each other, and that the entry module (hf.py) imports every other one
+    directly: loading from a local folder, transformers copies only the entry module's own relative imports.
+    """
+    sources = {name: relative_imports(Path(m.__file__).read_text()) for name, m in REMOTE_CODE_MODULES.items()}
+    imports = {name: set(_RELATIVE_IMPORT.findall(source)) for name, source in sources.items()}
+    for name, imported in imports.items():
+        unknown = sorted(f"{i}.py" for i in imported if f"{i}.py" not in sources)
+        if unknown:
+            raise ValueError(f"remote code {name} imports {unknown}, which are not shipped")
+    not_direct = sorted(set(sources) - {"hf.py"} - {f"{i}.py" for i in imports["hf.py"]})
+    if not_direct:
+        raise ValueError(f"remote code hf.py must import {not_direct} directly (transformers copies only those)")
+    return sources
+
+
+def write_hf_folder(
+    model: DDSCModel,
+    out: str | Path,
+    vocab: GeneVocab,
+    labels: LabelVocab | None = None,
+    train_config: Any = None,
+) -> Path:
+    """Write the export folder (see the module docstring); ``train_config`` is a RunConfig or a plain dict."""
+    out = Path(out)
+    if len(vocab) > model.config.gene_vocab_size:
+        raise ValueError(
+            f"gene vocabulary has token ids up to {len(vocab) - 1} but the model embeds only "
+            f"{model.config.gene_vocab_size} genes (model.gene_vocab_size)"
+        )
+    check_labels(model.config, labels)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(partial, safe_serialization=True)
+    vocab.to_json(partial / VOCAB_FILE)
+    (labels or LabelVocab({})).to_json(partial / LABELS_FILE)
+    if train_config is not None:
+        (partial / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(train_config), sort_keys=False))
+    for name, source in remote_code_sources().items():
+        (partial / name).write_text(source)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def check_labels(config: DDSCConfig, labels: LabelVocab | None) -> None:
+    """Every condition of the model needs its label column, with exactly the number of labels it embeds."""
+    for condition in config.conditions:
+        if labels is None:
+            raise ValueError(f"the model is conditioned on {condition['name']!r}: a label vocabulary is required")
+        n = labels.num_labels(condition["name"])
+        if n != condition["num_labels"]:
+            raise ValueError(
+                f"labels[{condition['name']!r}] has {n} labels but the model embeds {condition['num_labels']}"
+            )
+
+
+def hf_config_from_run(run) -> DDSCConfig:
+    """DDSCConfig of a resolved ``RunConfig`` (condition label counts already filled in)."""
+    return DDSCConfig.from_model_config(
+        run.model,
+        max_genes=run.data.max_length,
+        binning=to_dict(run.data.binning),
+        diffusion=to_dict(run.diffusion),
+    )
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    checkpoint_kind: str
+    num_params: int
+    genes: int
+    conditions: dict[str, int]
+
+    def format(self) -> str:
+        conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
+        return (
+            f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
+            f"{self.genes:,} genes in the vocabulary, conditions: {conds}"
+        )
+
+
+def _default_asset(run, name: str) -> Path | None:
+    """``name`` beside the first stream's splits, where data_prep writes vocab.json / labels.json."""
+    from ddsc.data.streaming import is_remote, stream_root
+
+    root = stream_root(next(iter(run.data.streams.values())))
+    return None if is_remote(root) else Path(root) / name
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    config_path: str | Path | None = None,
+    vocab_path: str | Path | None = None,
+    labels_path: str | Path | None = None,
+) -> ExportSummary:
+    """Export a Composer (monolithic / sharded) or DeepSpeed ZeRO checkpoint to an HF folder.
+
+    The run config defaults to ``config.yaml`` in the run's save folder, the vocabulary and labels to the
+    files beside the training data (``data.labels`` for the labels when set).
+    """
+    from ddsc.model.checkpoints import checkpoint_kind, find_run_config, read_model_state
+    from ddsc.train.config import RunConfig
+    from ddsc.train.trainer import load_labels, resolve_model_config
+
+    kind = checkpoint_kind(checkpoint)
+    config_path = config_path or find_run_config(checkpoint)
+    if config_path is None:
+        raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
+    run = load_config(RunConfig, config_path)
+    if labels_path is not None:
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, labels=str(labels_path)))
+    labels = load_labels(run)  # data.labels, else labels.json beside the data when the model has conditions
+    run = dataclasses.replace(run, model=resolve_model_config(run.model, labels))
+    vocab_path = vocab_path or _default_asset(run, VOCAB_FILE)
+    if vocab_path is None or not Path(vocab_path).is_file():
+        raise FileNotFoundError(f"gene vocabulary not found ({vocab_path or 'remote data'}); pass --vocab")
+    vocab = GeneVocab.from_json(vocab_path)
+
+    model = DDSCModel(hf_config_from_run(run))
+    state = read_model_state(checkpoint)
+    expected = {k: v.shape for k, v in model.dit.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or resized:
+        problems = {"missing": missing, "unexpected": unexpected, "with another shape": resized}
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}" for what, keys in problems.items() if keys
+        )
+        raise ValueError(f"{checkpoint}: weights do not match the run config {config_path} ({detail})")
+    model.dit.load_state_dict(state)
+    write_hf_folder(model, out, vocab, labels, run)
+    return ExportSummary(
+        out=Path(out),
+        checkpoint_kind=kind,
+        num_params=model.dit.num_params(),
+        genes=vocab.num_genes,
+        conditions={c.name: c.num_labels for c in run.model.conditions},
+    )

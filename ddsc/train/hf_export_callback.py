@@ -1,0 +1,65 @@
+"""Composer callback: write a Hugging Face export folder every ``interval`` (and at the end of training).
+
+Exports land in ``folder/ba{batch}/`` (the same layout as ``ddsc export``), so a run can be sampled from or
+evaluated while it trains without converting checkpoints. Under FSDP the full weights are gathered with
+``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, a collective every rank joins; only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from ddsc.data.labels import LabelVocab
+from ddsc.data.vocab import GeneVocab
+from ddsc.model.checkpoints import strip_wrappers
+from ddsc.model.export import hf_config_from_run, write_hf_folder
+from ddsc.model.hf import DDSCModel
+
+
+class HFExport(Callback):
+    """``interval`` like ``"500ba"`` (batches only); ``run_config`` is the resolved RunConfig of the run."""
+
+    def __init__(self, interval: str, folder: str | Path, run_config, vocab: GeneVocab, labels: LabelVocab | None):
+        time = Time.from_timestring(interval)
+        if time.unit != TimeUnit.BATCH or time.value < 1:
+            raise ValueError(
+                f"trainer.hf_export_interval: expected a positive number of batches (e.g. '500ba'), got {interval!r}"
+            )
+        self.every = int(time.value)
+        self.folder = Path(folder)
+        self.run_config = run_config
+        self.vocab = vocab
+        self.labels = labels
+        self.exported: list[Path] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.every == 0:
+            self._export(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.every:
+            self._export(state)
+
+    def _export(self, state: State) -> None:
+        """Every rank joins the gather (FSDP); rank 0 writes the folder."""
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        if dist.is_initialized():
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(model.model, options=options)
+        else:
+            weights = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+        if dist.get_global_rank() != 0:
+            return
+        hf_model = DDSCModel(hf_config_from_run(self.run_config))
+        hf_model.dit.load_state_dict({k: v.float() for k, v in strip_wrappers(weights).items()})
+        out = self.folder / f"ba{int(state.timestamp.batch)}"
+        with torch.no_grad():
+            write_hf_folder(hf_model, out, self.vocab, self.labels, self.run_config)
+        self.exported.append(out)
