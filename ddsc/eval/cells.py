@@ -1,0 +1,91 @@
+"""Evaluation cells: collated once, then re-packed into model batches in any grouping.
+
+Collation (binning, random gene subset of long cells, added zero genes) happens exactly once per cell with a
+freshly seeded collator, so every predictor, every mask rate and the generation panels see the very same
+(gene, bin) pairs, whatever the batch order. :func:`pack` turns any subset of cells back into the
+collator's batch layout, optionally with other condition labels (counterfactual generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddsc.data.collator import CellCollator, pad_cells
+from ddsc.data.tokens import GENE_CLS, ExpressionTokens
+
+
+@dataclass
+class EvalCells:
+    """Collated cells: per cell its id, gene ids and bins (real positions only), condition ids and metadata."""
+
+    cell_ids: list[str]
+    genes: list[np.ndarray]  # int64 per cell
+    bins: list[np.ndarray]  # int64 per cell, 0..K-1
+    cond: np.ndarray  # int64 [N, C]
+    metadata: dict[str, list[str]]  # metadata columns present in the samples, one string per cell
+
+    def __len__(self) -> int:
+        return len(self.cell_ids)
+
+    def pairs(self, idx: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        idx = range(len(self)) if idx is None else idx
+        return [(self.genes[i], self.bins[i]) for i in idx]
+
+
+def fresh_collator(collator: CellCollator, seed: int) -> CellCollator:
+    """A copy of ``collator`` with a new seed and an unused generator, so collation is reproducible."""
+    return CellCollator(
+        max_length=collator.max_length,
+        binning=collator.binning,
+        labels=collator.labels,
+        conditions=collator.conditions,
+        seed=seed,
+        gene_vocab_size=collator.gene_vocab_size,
+    )
+
+
+def collate_cells(collator: CellCollator, samples: Sequence[dict], batch_size: int = 256) -> EvalCells:
+    """Collate ``samples`` in order (fixed chunks) and keep each cell's real positions."""
+    cell_ids, genes, bins, cond = [], [], [], []
+    columns = [c for c in ("cell_line_id", "drug", "dose", "plate", "sample") if samples and c in samples[0]]
+    metadata: dict[str, list[str]] = {c: [] for c in columns}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = collator(list(chunk))
+        for row, sample in enumerate(chunk):
+            real = batch["real"][row]
+            cell_ids.append(str(sample["cell_id"]))
+            genes.append(batch["gene_ids"][row, real].numpy().astype(np.int64))
+            bins.append(batch["expr"][row, real].numpy().astype(np.int64))
+            for c in columns:
+                metadata[c].append(str(sample.get(c, "")))
+        cond.append(batch["cond"].numpy())
+    cond_arr = np.concatenate(cond) if cond else np.zeros((0, len(collator.conditions)), np.int64)
+    return EvalCells(cell_ids, genes, bins, cond_arr, metadata)
+
+
+def pack(cells: EvalCells, idx: Sequence[int], tokens: ExpressionTokens, cond: np.ndarray | None = None) -> dict:
+    """Batch dict (collator layout) for cells ``idx``; ``cond`` [len(idx), C] replaces their labels if given."""
+    gene_ids, values, valid = pad_cells([cells.genes[i] for i in idx], [cells.bins[i] for i in idx])
+    n = len(idx)
+    bins = torch.where(valid, values.long(), torch.full_like(gene_ids, tokens.pad))
+    first = torch.ones(n, 1, dtype=torch.bool)
+    labels = cells.cond[list(idx)] if cond is None else np.asarray(cond, dtype=np.int64)
+    return {
+        "gene_ids": torch.cat([torch.full((n, 1), GENE_CLS), gene_ids], dim=1),
+        "expr": torch.cat([torch.full((n, 1), tokens.cls), bins], dim=1),
+        "real": torch.cat([~first, valid], dim=1),
+        "attention_mask": torch.cat([first, valid], dim=1),
+        "cond": torch.from_numpy(labels),
+    }
+
+
+def length_batches(cells: EvalCells, idx: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``idx`` grouped into batches of similar length (less padding, faster on CPU), deterministic order."""
+    idx = list(idx)
+    order = sorted(idx, key=lambda i: (len(cells.genes[i]), i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]

@@ -1,0 +1,194 @@
+"""Evaluation report: ``metrics.json``, PNG plots and a ``summary.md`` page that links them.
+
+The metrics dict is the one :mod:`ddsc.eval.evaluate` builds (see its docstring for the layout). Plots are
+drawn only for the sections present (no generation plot when generation was skipped). ``summary.md`` and
+``metrics.json`` are written last, each atomically, so a folder holding them is a finished report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: evaluation runs on headless nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PREDICTORS = ("model", "marginal", "knn")
+LABELS = {"model": "DDSC", "marginal": "per-gene marginal", "knn": "kNN"}
+
+
+@dataclass
+class ReportArrays:
+    """Arrays behind the plots that are too large (or pointless) for metrics.json."""
+
+    pca_real: np.ndarray | None = None  # [n, >=2] PCA coordinates of real cells
+    pca_generated: np.ndarray | None = None
+    delta_real: np.ndarray | None = None  # concatenated pseudobulk deltas over (cell line, drug) groups
+    delta_generated: np.ndarray | None = None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else str(value)  # strict JSON has no NaN / Infinity
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def plot_vs_mask_rate(masked: dict, path: Path) -> None:
+    """Masked CE and accuracy vs mask rate, the model against both baselines."""
+    rates = sorted(masked, key=float)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(
+        axes,
+        ("masked_ce", "masked_acc", "masked_acc_pm1"),
+        ("masked CE (nats)", "masked accuracy", "within-one-bin"),
+        strict=True,
+    ):
+        for name in PREDICTORS:
+            if name in masked[rates[0]]:
+                ax.plot([float(r) for r in rates], [masked[r][name][key] for r in rates], "o-", label=LABELS[name])
+        ax.set_xlabel("mask rate")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_calibration(masked: dict, path: Path) -> None:
+    """Reliability diagram of the model's argmax confidence, one curve per mask rate."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    for rate in sorted(masked, key=float):
+        cal = masked[rate]["model"]["calibration"]
+        ax.plot(
+            cal["confidence"],
+            cal["accuracy"],
+            "o-",
+            ms=3,
+            label=f"mask {rate} (ECE {masked[rate]['model']['ece']:.3f})",
+        )
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, rate: str, path: Path) -> None:
+    """Row-normalised confusion (true bin x predicted bin) of the model at one mask rate."""
+    conf = np.asarray(confusion, dtype=np.float64)
+    conf = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    image = ax.imshow(conf, origin="lower", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xlabel("predicted bin")
+    ax.set_ylabel("true bin")
+    ax.set_title(f"model confusion, mask rate {rate}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pca(real: np.ndarray, generated: np.ndarray, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.scatter(real[:, 0], real[:, 1], s=4, alpha=0.5, label="real")
+    ax.scatter(generated[:, 0], generated[:, 1], s=4, alpha=0.5, label="generated")
+    ax.set_xlabel("PC1 (fitted on real)")
+    ax.set_ylabel("PC2")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_delta_scatter(real: np.ndarray, generated: np.ndarray, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.scatter(real, generated, s=3, alpha=0.4)
+    lim = float(max(np.abs(real).max(initial=0), np.abs(generated).max(initial=0))) or 1.0
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=1)
+    ax.set_xlabel("real delta vs control")
+    ax.set_ylabel("generated delta vs control")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _summary(metrics: dict, plots: list[str]) -> str:
+    lines = ["# DDSC evaluation", ""]
+    lines += [f"- {k}: `{v}`" for k, v in metrics.get("setup", {}).items()]
+    masked = metrics.get("masked", {})
+    if masked:
+        lines += ["", "## Masked-bin prediction (same fixed masks for every predictor)", ""]
+        lines += ["| mask rate | predictor | masked CE (nats) | acc | acc +-1 | ECE |", "|---|---|---|---|---|---|"]
+        for rate in sorted(masked, key=float):
+            for name in PREDICTORS:
+                if name in masked[rate]:
+                    m = masked[rate][name]
+                    row = (rate, LABELS[name], m["masked_ce"], m["masked_acc"], m["masked_acc_pm1"], m["ece"])
+                    lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    if "nelbo" in metrics:
+        lines += ["", f"NELBO per real token on a fixed t grid: **{metrics['nelbo']['nelbo']:.4f}** nats"]
+    for section in ("generation", "perturbation"):
+        if section in metrics:
+            gen, ref = metrics[section]["generated"], metrics[section]["reference"]
+            lines += ["", f"## {section.capitalize()} (generated vs real; reference: held-out real vs real)", ""]
+            lines += ["| metric | generated | reference |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} | {_fmt(ref[k])} |" for k, v in gen.items() if not isinstance(v, dict)]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "All numbers: [metrics.json](metrics.json)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, metrics: dict, arrays: ReportArrays | None = None) -> list[Path]:
+    """Write plots, ``summary.md`` and ``metrics.json`` into ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = arrays or ReportArrays()
+    plots = []
+    masked = metrics.get("masked", {})
+    if masked:
+        plot_vs_mask_rate(masked, out / "mask_rate.png")
+        plots.append("mask_rate.png")
+        if "calibration" in next(iter(masked.values())).get("model", {}):
+            plot_calibration(masked, out / "calibration.png")
+            plots.append("calibration.png")
+        mid = sorted(masked, key=float)[len(masked) // 2]
+        if "confusion" in masked[mid].get("model", {}):
+            plot_confusion(masked[mid]["model"]["confusion"], mid, out / "confusion.png")
+            plots.append("confusion.png")
+    if arrays.pca_real is not None and arrays.pca_generated is not None:
+        plot_pca(arrays.pca_real, arrays.pca_generated, out / "pca.png")
+        plots.append("pca.png")
+    if arrays.delta_real is not None and arrays.delta_generated is not None and arrays.delta_real.size:
+        plot_delta_scatter(arrays.delta_real, arrays.delta_generated, out / "delta_scatter.png")
+        plots.append("delta_scatter.png")
+    _atomic_write(out / "summary.md", _summary(metrics, plots))
+    _atomic_write(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
+    return [out / p for p in plots] + [out / "summary.md", out / "metrics.json"]

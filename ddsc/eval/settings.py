@@ -1,0 +1,36 @@
+"""Evaluation settings (a light module: the CLI imports it without torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ddsc.eval.masks import MASK_RATES
+
+
+@dataclass
+class SamplerSettings:
+    """How generated cells are drawn (see ``ddsc.diffusion.samplers.sample``)."""
+
+    method: str = "first_hitting"
+    steps: int = 32
+    temperature: float = 1.0
+    guidance_scale: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class EvalSettings:
+    mask_rates: tuple[float, ...] = MASK_RATES
+    seed: int = 0
+    batch_size: int = 64
+    knn_k: int = 10
+    smoothing: float = 1.0  # pseudo-counts of the baselines' back-off distributions
+    nelbo_points: int = 10  # 0 skips the NELBO grid
+    generate_cells: int = 256  # per half; 0 skips generation and perturbation
+    max_genes: int = 1000  # genes in the dense vectors of the generation metrics
+    top_k: int = 50
+    min_group_cells: int = 3
+    control: str = "DMSO_TF"
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    device: str = "cpu"
