@@ -1,0 +1,126 @@
+"""Tahoe -> MDS conversion throughput and memory, as ratios against references measured in the same run.
+
+On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 non-zero genes):
+  1. per-worker conversion rate / plain single-threaded pyarrow read rate of the same file (target >= 0.5);
+  2. 1 -> 2 worker scaling on two such files (ideal 2.0; limited by the machine's free cores);
+  3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
+     flat), against the RSS of a process that only imports the converter.
+Each measurement runs in a fresh process; peak RSS is that process's VmHWM. The plain read is
+single-threaded (use_threads=False) like a worker, and the faster of two reads is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+import pyarrow.parquet as pq
+mode, out, inputs, genes = sys.argv[1:5]
+from ddsc.data.mds_convert import WriteOptions
+from ddsc.data.splits import SplitSpec
+from ddsc.data.tahoe import convert_tahoe
+start = time.perf_counter()
+if mode == "read":
+    cells = sum(b.num_rows for b in pq.ParquetFile(inputs).iter_batches(batch_size=1024, use_threads=False))
+elif mode != "import":
+    options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode))
+    cells = convert_tahoe(inputs, genes, out, options=options)["cells_out"]
+else:
+    cells = 0
+seconds = time.perf_counter() - start
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # peak RSS, kB
+print(json.dumps({"seconds": seconds, "cells": cells, "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def run_child(mode: str, out: Path, inputs: Path, genes: Path) -> dict:
+    """Run one measurement in a fresh process; returns its timing and that process's peak RSS (VmHWM)."""
+    command = [sys.executable, "-c", CHILD, mode, str(out), str(inputs), str(genes)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child {mode} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def repeat_rows(src: Path, dst: Path, times: int) -> None:
+    """``dst`` = ``src``'s rows ``times`` over, copied row group by row group (bounded memory, fast)."""
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(src)
+    with pq.ParquetWriter(dst, source.schema_arrow) as writer:
+        for _ in range(times):
+            for i in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(i))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=28000, help="cells per 1x shard (default %(default)s)")
+    parser.add_argument(
+        "--genes-per-cell", type=int, default=2000, help="non-zero genes per cell (default %(default)s)"
+    )
+    parser.add_argument(
+        "--scale", type=int, default=10, help="cells of the large input / cells per shard (default %(default)s)"
+    )
+    parser.add_argument("--workdir", help="where to write the inputs (default: a temporary folder)")
+    args = parser.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddsc.data.demo_data import synthetic_shard
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        root = Path(tmp)
+        inputs = root / "two.inputs"
+        inputs.mkdir()
+        shard = inputs / "a.parquet"
+        print(f"generating {args.cells:,} cells x ~{args.genes_per_cell} genes (and the shard {args.scale}x over) ...")
+        synthetic_shard(shard, args.cells, args.genes_per_cell)
+        os.link(shard, inputs / "b.parquet")
+        big = root / "big.parquet"
+        repeat_rows(shard, big, args.scale)
+        genes = root / "gene_metadata.parquet"
+        ids = range(3, 20003)
+        pq.write_table(
+            pa.table(
+                {"gene_symbol": [f"G{i}" for i in ids], "ensembl_id": [f"E{i}" for i in ids], "token_id": list(ids)}
+            ),
+            genes,
+        )
+
+        base = run_child("import", root / "x", shard, genes)
+        first_read = run_child("read", root / "x", shard, genes)
+        one = run_child("1", root / "one", shard, genes)
+        second_read = run_child("read", root / "x", shard, genes)  # the faster read is the reference
+        read = min(first_read, second_read, key=lambda r: r["seconds"])
+        serial = run_child("1", root / "two", inputs, genes)
+        parallel = run_child("2", root / "two2", inputs, genes)
+        large = run_child("1", root / "big", big, genes)
+
+    rate = lambda r: r["cells"] / r["seconds"]  # noqa: E731
+    report = {
+        "cells_per_shard": args.cells,
+        "pyarrow_read_cells_per_s": round(rate(read)),
+        "convert_cells_per_s_1_worker": round(rate(one)),
+        "ratio_convert_vs_pyarrow_read": round(rate(one) / rate(read), 3),
+        "scaling_1_to_2_workers": round(rate(parallel) / rate(serial), 3),
+        "cpu_count": os.cpu_count(),
+        "peak_rss_mb_import_only": round(base["peak_rss_mb"]),
+        "peak_rss_mb_worker_1x": round(one["peak_rss_mb"]),
+        f"peak_rss_mb_worker_{args.scale}x": round(large["peak_rss_mb"]),
+        f"rss_ratio_{args.scale}x_vs_1x": round(large["peak_rss_mb"] / one["peak_rss_mb"], 3),
+        f"convert_cells_per_s_{args.scale}x": round(rate(large)),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Input locations: local paths, directories, globs, and fsspec URLs (``hf://``, ``s3://``, ``gs://``, ...).
+
+A thin layer so converters read object storage the same way they read local disk: everything downstream
+takes a file object. Remote protocols need their fsspec backend installed (``huggingface_hub``, ``s3fs``, ...);
+only ``file://`` can be tested offline, and it goes through the same code path.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+_GLOB_CHARS = set("*?[")
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def expand_inputs(spec: str, suffix: str) -> list[str]:
+    """A file, a directory (searched recursively for ``*suffix``), or a glob -> sorted list of files."""
+    if is_url(spec):
+        import fsspec
+
+        fs, _, _ = fsspec.core.get_fs_token_paths(spec)
+        protocol = spec.split("://", 1)[0]
+        if _GLOB_CHARS & set(spec):
+            paths = fs.glob(spec)
+        elif fs.isdir(spec):
+            paths = [p for p in fs.find(spec) if p.endswith(suffix)]
+        else:
+            paths = [spec]
+        return sorted(p if is_url(p) else f"{protocol}://{p}" for p in paths)
+    if _GLOB_CHARS & set(spec):
+        paths = glob.glob(spec, recursive=True)
+    elif os.path.isdir(spec):
+        paths = glob.glob(os.path.join(spec, "**", f"*{suffix}"), recursive=True)
+    elif os.path.exists(spec):
+        paths = [spec]
+    else:
+        raise FileNotFoundError(f"input not found: {spec}")
+    return sorted(os.path.abspath(p) for p in paths)
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[IO[bytes] | str]:
+    """Yield something pyarrow can read: the path itself when local, an fsspec file object when remote."""
+    if not is_url(path):
+        yield path
+        return
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        yield f
