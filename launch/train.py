@@ -8,6 +8,7 @@ Also runs as ``torchrun launch/train.py ...`` or ``python launch/train.py ...`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch/train.py: config error: {err}", file=sys.stderr)
         return 2
     summary = train(config)
-    print(summary.format())
+    if os.environ.get("RANK", "0") == "0":
+        print(summary.format())
     return 0
 
 

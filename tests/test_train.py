@@ -16,6 +16,8 @@ import torch
 import yaml
 from train_data import write_mds
 
+from ddsc.model.hf import DDSCModel
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "launch" / "train.py")]
 
@@ -25,7 +27,7 @@ def tiny_config(tmp: Path) -> Path:
     config = {
         "data": {
             "streams": {"synth": {"remote": str(tmp / "mds")}},
-            "max_length": 64,  # above the longest cell: no random subset, so resumption can be bitwise
+            "max_length": 16,  # below most cells (5-40 genes): resumes must redraw the same random gene subsets
             "binning": {"method": "quantile", "num_bins": 11},
             "num_workers": 0,
             "num_canonical_nodes": 1,
@@ -80,7 +82,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_train_then_kill9_and_autoresume_matches_uninterrupted(run_dir):
     tmp, config = run_dir
     ref = tmp / "ref"
-    done = subprocess.run([*TRAIN, str(config), f"trainer.save_folder={ref}"], capture_output=True, text=True)
+    export = ["trainer.hf_export_interval=8ba"]  # the periodic HF export callback (vocab.json beside the data)
+    done = subprocess.run([*TRAIN, str(config), f"trainer.save_folder={ref}", *export], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = _summary(done.stdout)
     assert set(metrics) >= {f"{s}/{m}" for s in ("train", "eval") for m in ("nelbo", "masked_ce", "masked_acc")}
@@ -106,6 +109,12 @@ def test_train_then_kill9_and_autoresume_matches_uninterrupted(run_dir):
     assert ref_weights.keys() == crash_weights.keys()
     for name, tensor in ref_weights.items():
         assert torch.equal(tensor, crash_weights[name]), name  # bitwise on CPU
+
+    assert sorted(p.name for p in (ref / "hf").iterdir()) == ["ba16", "ba8"]
+    exported = DDSCModel.from_pretrained(ref / "hf" / "ba16").dit.state_dict()
+    assert exported.keys() == {k.removeprefix("model.") for k in ref_weights}
+    for name, tensor in ref_weights.items():
+        assert torch.equal(exported[name.removeprefix("model.")], tensor), name
 
 
 def test_incompatible_resume_and_typos_stop_before_training(run_dir, capsys):

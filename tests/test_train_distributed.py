@@ -17,12 +17,12 @@ from train_data import write_mds
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(config: Path, port: int, *overrides: str) -> subprocess.CompletedProcess:
+def torchrun(config: Path, port: int, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         f"--master_port={port}",
         str(ROOT / "launch" / "train.py"),
         str(config),

@@ -9,6 +9,7 @@ import numpy as np
 from streaming import MDSWriter
 
 from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS
+from ddsc.data.vocab import GeneVocab
 
 LINES = ["CVCL_A", "CVCL_B", "CVCL_C"]
 DRUGS = ["DMSO_TF", "drugX"]
@@ -23,7 +24,8 @@ def write_mds(
     seed: int = 0,
     name: str = "synth",
 ):
-    """``root/{train,valid}`` with cells whose counts follow their cell line (so there is something to learn)."""
+    """``root/{train,valid}`` with cells whose counts follow their cell line (so there is something to learn),
+    and ``labels.json`` / ``vocab.json`` beside the splits, as data_prep writes them."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("valid", n_valid)):
         with MDSWriter(out=str(root / split), columns=MDS_COLUMNS, compression="zstd", size_limit=1 << 14) as out:
@@ -42,4 +44,6 @@ def write_mds(
                 )
                 out.write(sample)
     (root / LABELS_FILE).write_text(json.dumps({"cell_line_id": LINES, "drug": DRUGS}))
+    ids = range(3, genes)
+    GeneVocab(list(ids), [f"ENSG{i:011d}" for i in ids], [f"G{i}" for i in ids]).to_json(root / "vocab.json")
     return root

@@ -83,7 +83,17 @@ def batches(duration: str, key: str) -> int:
 
 
 def lr_multiplier(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
-    """The LR multiplier of ``build_scheduler(cfg)`` at batch ``step``: the same curve for the DeepSpeed engine."""
+    """The LR multiplier that the Composer engine applies during batch ``step`` (0-based), for the DeepSpeed engine.
+
+    Composer 0.32 steps the scheduler at the end of a batch *before* advancing its batch counter, so batch
+    ``k >= 1`` trains with the curve's value at ``k - 1`` (batch 0 and 1 both use the value at 0). Reproducing
+    that lag keeps both engines on the same trajectory, batch for batch.
+    """
+    return _curve(cfg, max(step - 1, 0), max_steps)
+
+
+def _curve(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
+    """``build_scheduler(cfg)`` evaluated at batch ``step`` of a ``max_steps``-batch run."""
     warmup = batches(cfg.t_warmup, "scheduler.t_warmup")
     if step < warmup:
         return step / warmup
@@ -134,7 +144,7 @@ def build_loggers(config: RunConfig) -> list[LoggerDestination]:
             )
         )
     if trainer.log_file:
-        loggers.append(FileLogger(filename=trainer.log_file, log_interval=1, flush_interval=1))
+        loggers.append(FileLogger(filename=trainer.log_file, flush_interval=1))
     return loggers
 
 

@@ -24,6 +24,7 @@ class StreamConfig:
 class DataConfig:
     streams: dict[str, StreamConfig]
     labels: str | None = None  # labels.json written by data_prep (condition label vocabulary)
+    vocab: str | None = None  # vocab.json (gene vocabulary) for HF exports; default: beside the first stream
     train_split: str = "train"
     eval_split: str | None = "valid"
     max_length: int = 1024  # genes per cell after <cls>; longer cells keep a random subset

@@ -48,6 +48,26 @@ def labels_path(config: RunConfig) -> str | None:
     return str(Path(root) / "labels.json")
 
 
+def vocab_path(config: RunConfig) -> str:
+    """``data.vocab``, else ``vocab.json`` beside the first stream's splits (where data_prep writes it)."""
+    if config.data.vocab:
+        return config.data.vocab
+    root = stream_root(next(iter(config.data.streams.values())))
+    if is_remote(root):
+        raise ConfigError("data.vocab: set the path of vocab.json (trainer.hf_export_interval needs it)")
+    return str(Path(root) / "vocab.json")
+
+
+def hf_export_folder(config: RunConfig) -> Path:
+    """Where periodic HF exports go: ``save_folder/hf/ba{N}`` (a filesystem path)."""
+    from ddsc.train.run_folder import resolve_save_folder
+
+    save_folder = resolve_save_folder(config)
+    if save_folder is None or is_remote(save_folder):
+        raise ConfigError("trainer.hf_export_interval: needs a filesystem trainer.save_folder (exports go to hf/)")
+    return Path(save_folder) / "hf"
+
+
 def load_labels(config: RunConfig) -> LabelVocab | None:
     path = labels_path(config)
     if path is None:
@@ -112,7 +132,15 @@ def check_data(config: RunConfig) -> None:
     check_streams(config.data, config.data.train_split)
     if config.data.eval_split:
         check_streams(config.data, config.data.eval_split)
+    if config.parallelism.engine == "deepspeed":
+        from ddsc.train.deepspeed_engine import check_deepspeed
+
+        check_deepspeed(config)
     resolved = resolve_run_config(config)
+    if config.trainer.hf_export_interval:
+        hf_export_folder(config)
+        if not Path(vocab_path(config)).is_file():
+            raise ConfigError(f"data.vocab: {vocab_path(config)} not found (trainer.hf_export_interval needs it)")
     save_folder = resolve_save_folder(config)
     if save_folder and config.trainer.autoresume:
         saved = read_saved_config(save_folder)
@@ -160,6 +188,13 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     callbacks = [*build_callbacks(trainer_cfg, device), ResetEvalNoise(), SeedEachBatch(trainer_cfg.seed)]
     if save_folder:
         callbacks.append(SaveResolvedConfig(config, save_folder))
+    if trainer_cfg.hf_export_interval:
+        from ddsc.data.vocab import GeneVocab
+        from ddsc.train.hf_export_callback import HFExport
+
+        vocab = GeneVocab.from_json(vocab_path(config))
+        export = HFExport(trainer_cfg.hf_export_interval, hf_export_folder(config), config, vocab, load_labels(config))
+        callbacks.append(export)
 
     train_loader, eval_loader = build_loaders(config, world_size)
     reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun

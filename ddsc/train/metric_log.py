@@ -1,0 +1,101 @@
+"""Metric logging for the DeepSpeed engine: console, a JSON-lines file, and W&B, under Composer's metric names.
+
+The Composer engine gets this from its Trainer (console logger, ``FileLogger``, ``WandBLogger``, ``SpeedMonitor``);
+this is the same output for a loop Composer does not own, so dashboards and the benchmark read one set of
+names: ``train/*``, ``eval/*``, ``lr-<Optimizer>/group0``, ``throughput/{samples_per_sec, device/mfu, ...}``.
+Throughput is averaged over the last ``speed_window_size`` batches, wall clock between batch ends, as
+Composer's ``SpeedMonitor`` does; FLOPs are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from ddsc.config import to_dict
+from ddsc.train.builders import batches
+from ddsc.train.config import RunConfig
+
+
+class MetricLog:
+    """Rank 0 writes; every rank calls ``batch`` (the FLOP count is an all-reduce)."""
+
+    def __init__(self, config: RunConfig, rank: int):
+        trainer = config.trainer
+        self.rank = rank
+        self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
+        self.console_every = batches(trainer.console_log_interval, "trainer.console_log_interval")
+        self.to_console = trainer.log_to_console and rank == 0
+        self.peak_flops = trainer.peak_flops_per_device
+        self.window: deque[tuple[float, int, float]] = deque(maxlen=trainer.speed_window_size + 1)
+        self.file = None
+        self.wandb = None
+        if rank == 0 and trainer.log_file:
+            Path(trainer.log_file).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(trainer.log_file, "a")  # noqa: SIM115  (kept open for the whole run)
+        if rank == 0 and trainer.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=trainer.wandb_project,
+                entity=trainer.wandb_entity,
+                name=trainer.run_name,
+                config=to_dict(config),
+                dir=os.environ.get("WANDB_DIR"),
+            )
+
+    def console(self, line: str) -> None:
+        if self.to_console:
+            print(line, flush=True)
+
+    def announce(self, line: str) -> None:
+        """Run events (such as a resume) are printed on rank 0 even with ``log_to_console: false``."""
+        if self.rank == 0:
+            print(line, flush=True)
+
+    def metrics(self, batch: int, values: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        if self.file is not None:
+            self.file.write(json.dumps({"batch": batch, **values}) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=batch)
+        if any(k.startswith("eval/") for k in values) or batch % self.console_every == 0:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+            self.console(f"[batch={batch}/{self.max_batches}] {shown}")
+
+    def batch(self, batch: int, values: dict[str, float], device_samples: int, device_flops: float) -> None:
+        """Log one training batch's metrics with the throughput and MFU of the window ending here."""
+        flops = torch.tensor(device_flops, dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flops)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.window.append((time.perf_counter(), device_samples * world, float(flops)))
+        values = dict(values)
+        if len(self.window) == self.window.maxlen:
+            elapsed = self.window[-1][0] - self.window[0][0]
+            samples = sum(s for _, s, _ in list(self.window)[1:])
+            flops_per_sec = sum(f for _, _, f in list(self.window)[1:]) / elapsed
+            values.update(
+                {
+                    "throughput/batches_per_sec": (len(self.window) - 1) / elapsed,
+                    "throughput/samples_per_sec": samples / elapsed,
+                    "throughput/device/samples_per_sec": samples / elapsed / world,
+                    "throughput/device/flops_per_sec": flops_per_sec / world,
+                }
+            )
+            if self.peak_flops:
+                values["throughput/device/mfu"] = flops_per_sec / world / self.peak_flops
+        self.metrics(batch, values)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
