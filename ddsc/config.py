@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -126,18 +126,34 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+BASE_KEY = "base"
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one YAML file; a top-level ``base: other.yaml`` (relative to the file) is loaded first and
+    overridden, so presets state only what differs from the production config."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    tree = OmegaConf.load(path)
+    base = tree.pop(BASE_KEY, None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a path to another YAML file")
+    return OmegaConf.merge(_load_yaml(path.parent / base, (*seen, path.resolve())), tree)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load ``cls`` from a YAML file (optional) and ``key=value`` overrides, validating strictly.
+    """Load ``cls`` from a YAML file (optional; see ``_load_yaml`` for ``base:``) and ``key=value`` overrides,
+    validating strictly.
 
     OmegaConf merges the file and the dotted overrides and resolves ``${section.key}`` interpolations; the
     strict conversion to dataclasses is ours, so every error names the key and the closest valid one.
     """
     try:
-        tree = OmegaConf.create()
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            tree = OmegaConf.load(path)
+        tree = OmegaConf.create() if path is None else _load_yaml(Path(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' must look like key=value")

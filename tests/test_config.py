@@ -91,3 +91,27 @@ def test_cli_reports_typo_with_exit_code_2(capsys):
     assert "n_layer" in err and "did you mean 'n_layers'" in err
     assert main(["config", str(PROD), "model.n_layers=3"]) == 0
     assert "n_layers: 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "yamls").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(RunConfig, path)
+    assert cfg.model.num_bins == cfg.data.binning.num_bins
+
+
+def test_base_yaml_is_overridden_by_the_derived_file():
+    large = load_config(RunConfig, ROOT / "yamls" / "dit_1024_large.yaml")
+    prod = load_config(RunConfig, PROD)
+    assert (large.model.d_model, large.model.n_layers, large.model.n_heads) == (1024, 24, 16)
+    assert large.data == prod.data and large.diffusion == prod.diffusion  # inherited unchanged
+    assert large.optimizer.lr == pytest.approx(2e-4) and large.optimizer.betas == prod.optimizer.betas
+
+
+def test_base_chain_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"loops back"):
+        load_config(RunConfig, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
+        load_config(RunConfig, tmp_path / "c.yaml")
