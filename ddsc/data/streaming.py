@@ -5,14 +5,28 @@ mixed by ``proportion``, a shuffle that depends only on ``shuffle_seed`` and ``n
 how many ranks or nodes read it), and a ``StreamingDataLoader`` whose state lets a run resume in the middle
 of an epoch without repeating or skipping samples. Each stream root holds split folders (``train/``,
 ``valid/``); the split is appended here, so one config serves both.
+
+Streaming assumes one node per host: each node's local leader registers its shared-memory names (in
+``/dev/shm``, global to the host) under the first free integer prefix. Several nodes on one host (the loopback
+multi-node test, or a scheduler packing two small "nodes" on one machine) would scan at the same time and
+claim the same prefix (``FileExistsError: '/000000_locals'``), and would share one download cache. When the
+ranks find that their nodes share a host, each node scans only its own residue class of prefixes and gets its
+own cache subfolder; with one node per host nothing changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as tdist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.shared import prefix as shm_prefix
 
 from ddsc.config import ConfigError
 from ddsc.train.config import DataConfig, StreamConfig
@@ -43,32 +57,76 @@ def check_streams(data: DataConfig, split: str) -> None:
                 raise ConfigError(f"data.streams.{name}: no MDS split '{split}' ({index} not found)")
 
 
-def _streams(data: DataConfig, split: str) -> list[Stream]:
+@dataclass(frozen=True)
+class HostShare:
+    """This node's place among the Streaming nodes (groups of ``LOCAL_WORLD_SIZE`` ranks) running on its host."""
+
+    index: int = 0
+    count: int = 1
+
+
+def host_share() -> HostShare:
+    """Which of the nodes on this host we are (a collective: every rank must call it; trivial without dist)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return HostShare()
+    node = tdist.get_rank() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # Streaming's own node numbering
+    everyone: list[tuple[str, int] | None] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(everyone, (socket.gethostname(), node))
+    here = sorted({n for host, n in everyone if host == socket.gethostname()})  # type: ignore[misc]
+    return HostShare(index=here.index(node), count=len(here))
+
+
+@contextlib.contextmanager
+def _own_shm_prefixes(share: HostShare) -> Iterator[None]:
+    """While a dataset registers itself, node ``i`` of ``n`` on this host only considers prefixes ``i, i+n, ...``.
+
+    Streaming has no option for this; the prefix search (``streaming.base.shared.prefix``, read only while a
+    ``StreamingDataset`` is constructed) is redirected for that call and restored at once. Every shared-memory
+    name and file lock is derived from the prefix the dataset stores, so workers need nothing.
+    """
+    if share.count == 1:
+        yield
+        return
+    original = shm_prefix._each_prefix_int
+    shm_prefix._each_prefix_int = lambda: itertools.count(share.index, share.count)
+    try:
+        yield
+    finally:
+        shm_prefix._each_prefix_int = original
+
+
+def _streams(data: DataConfig, split: str, share: HostShare) -> list[Stream]:
     streams = []
     for stream in data.streams.values():
         if stream.remote is not None and not is_remote(stream.remote) and stream.local is None:
             # A filesystem "remote" with no cache folder is read in place instead of copied to a temp dir.
             streams.append(Stream(local=stream.remote, split=split, proportion=stream.proportion))
-        else:
-            streams.append(Stream(remote=stream.remote, local=stream.local, split=split, proportion=stream.proportion))
+            continue
+        local = stream.local
+        if stream.remote is not None and local is not None and share.count > 1:
+            local = os.path.join(local, f"node{share.index}")  # a download cache cannot be shared by two nodes
+        streams.append(Stream(remote=stream.remote, local=local, split=split, proportion=stream.proportion))
     return streams
 
 
 def build_dataset(data: DataConfig, split: str, batch_size: int, train: bool) -> StreamingDataset:
     """One ``StreamingDataset`` over all streams of ``split``; ``batch_size`` is the per-rank batch size.
 
-    Evaluation is never shuffled, so every evaluation sees the same cells in the same order.
+    Evaluation is never shuffled, so every evaluation sees the same cells in the same order. With several
+    ranks, call this after ``torch.distributed`` is initialised (Streaming synchronises its ranks with barriers).
     """
-    return StreamingDataset(
-        streams=_streams(data, split),
-        batch_size=batch_size,
-        shuffle=data.shuffle and train,
-        shuffle_seed=data.shuffle_seed,
-        num_canonical_nodes=data.num_canonical_nodes,
-        predownload=data.predownload,
-        cache_limit=data.cache_limit,
-        allow_unsafe_types=False,
-    )
+    share = host_share()
+    with _own_shm_prefixes(share):
+        return StreamingDataset(
+            streams=_streams(data, split, share),
+            batch_size=batch_size,
+            shuffle=data.shuffle and train,
+            shuffle_seed=data.shuffle_seed,
+            num_canonical_nodes=data.num_canonical_nodes,
+            predownload=data.predownload,
+            cache_limit=data.cache_limit,
+            allow_unsafe_types=False,
+        )
 
 
 def build_dataloader(

@@ -127,6 +127,28 @@ def build_callbacks(trainer: TrainerConfig, device: str) -> list[Callback]:
     return callbacks
 
 
+class CompatWandBLogger(WandBLogger):
+    """Composer 0.32's ``WandBLogger`` with recent wandb clients.
+
+    Composer calls ``wandb.run.get_url()``, which wandb removed (0.2x+; the run has a ``url`` property now), so
+    the logger failed in ``init`` and the run died: give the run class the old method name before Composer
+    needs it. And autoresume asks every logger for the latest checkpoint; W&B holds none unless checkpoints are
+    logged as artifacts, and asking needs an API key (fails offline), so say "not found" without asking.
+    """
+
+    def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False, progress_bar=True):
+        if not self._log_artifacts:
+            raise FileNotFoundError(f"{remote_file_name}: checkpoints are not logged to W&B (log_artifacts=False)")
+        super().download_file(remote_file_name, destination, overwrite, progress_bar)
+
+    def init(self, state, logger) -> None:
+        from wandb.sdk.wandb_run import Run
+
+        if not hasattr(Run, "get_url"):
+            Run.get_url = lambda run: run.url
+        super().init(state, logger)
+
+
 def build_loggers(config: RunConfig) -> list[LoggerDestination]:
     """W&B when ``trainer.wandb_project`` is set (``WANDB_MODE=offline`` works), a file logger when asked.
 
@@ -136,7 +158,7 @@ def build_loggers(config: RunConfig) -> list[LoggerDestination]:
     loggers: list[LoggerDestination] = []
     if trainer.wandb_project:
         loggers.append(
-            WandBLogger(
+            CompatWandBLogger(
                 project=trainer.wandb_project,
                 entity=trainer.wandb_entity,
                 name=trainer.run_name,

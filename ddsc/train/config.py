@@ -107,6 +107,12 @@ class TrainerConfig:
     save_num_checkpoints_to_keep: int = 3
     autoresume: bool = False
     hf_export_interval: str | None = None
+    # Sampling preview (ddsc.train.preview): every N batches generate preview_cells held-out cells and log
+    # bin statistics against the real ones. None: off.
+    preview_interval: str | None = None
+    preview_cells: int = 8
+    preview_steps: int = 16
+    preview_method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting"
     log_to_console: bool = True
     console_log_interval: str = "10ba"
     log_file: str | None = None  # also write every logged metric to this file (Composer FileLogger)

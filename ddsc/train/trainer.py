@@ -125,6 +125,23 @@ def build_loaders(config: RunConfig, world_size: int):
     return train, evaluation
 
 
+def build_preview(config: RunConfig, eval_loader):
+    """The sampling preview on the first ``trainer.preview_cells`` cells of the evaluation split."""
+    from ddsc.train.preview import SamplingPreview
+
+    trainer = config.trainer
+    dataset = eval_loader.dataset
+    cells = [dataset[i] for i in range(min(trainer.preview_cells, dataset.num_samples))]
+    return SamplingPreview(
+        trainer.preview_interval,
+        eval_loader.collate_fn(cells),
+        config.diffusion,
+        method=trainer.preview_method,
+        steps=trainer.preview_steps,
+        seed=trainer.seed,
+    )
+
+
 def check_data(config: RunConfig) -> None:
     """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists."""
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
@@ -137,6 +154,8 @@ def check_data(config: RunConfig) -> None:
 
         check_deepspeed(config)
     resolved = resolve_run_config(config)
+    if config.trainer.preview_interval and not config.data.eval_split:
+        raise ConfigError("trainer.preview_interval: the sampling preview needs data.eval_split (held-out cells)")
     if config.trainer.hf_export_interval:
         hf_export_folder(config)
         if not Path(vocab_path(config)).is_file():
@@ -180,8 +199,11 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     precision, autocast_dtype = resolve_precision(trainer_cfg, device)
     world_size = dist.get_world_size()
     parallelism = None
+    if world_size > 1 or par.strategy in ("fsdp", "hsdp"):
+        # Before the loaders: Streaming registers its shared memory with barriers (racy without a process
+        # group), and HSDP's device mesh needs the group too.
+        dist.initialize_dist(get_device(device))
     if par.strategy in ("fsdp", "hsdp"):
-        dist.initialize_dist(get_device(device))  # HSDP's device mesh needs the process group first
         parallelism = build_parallelism(par, world_size, device)
 
     save_folder = resolve_save_folder(config)
@@ -197,6 +219,8 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         callbacks.append(export)
 
     train_loader, eval_loader = build_loaders(config, world_size)
+    if trainer_cfg.preview_interval:
+        callbacks.append(build_preview(config, eval_loader))
     reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun
     model = DDSCComposerModel(config.model, config.diffusion, autocast_dtype)
     if par.activation_checkpointing and parallelism is None:
