@@ -101,9 +101,20 @@ def test_time_conditioning_uses_t():
 def test_bf16_autocast_on_cpu_keeps_float32_head():
     model = random_model()
     gene_ids, expr, mask = random_batch()
+    dtypes = {}
+    for name in ("blocks.0.attn.qkv", "blocks.0.adaln.1", "final_adaln.1"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: dtypes.__setitem__(name, out.dtype)
+        )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(gene_ids, expr, mask)
     assert logits.dtype == torch.float32
+    # Matmuls over positions run in bf16; the once-per-cell adaLN maps stay float32 (no weight casts).
+    assert dtypes == {
+        "blocks.0.attn.qkv": torch.bfloat16,
+        "blocks.0.adaln.1": torch.float32,
+        "final_adaln.1": torch.float32,
+    }
     reference = model(gene_ids, expr, mask)
     assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
 
@@ -134,3 +145,15 @@ def test_flops_per_token_counts_matmul_weights():
     )
     assert model.flops_per_token(128) == 6 * per_position + 12 * 4 * 256 * 128
     assert model.num_params() - model.num_params(exclude_embeddings=True) == 100 * 256 + (K + 3) * 256
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [("ddsc", 170e6, 180e6), ("xl", 0.95e9, 1.1e9)])
+def test_preset_sizes_match_their_comments_and_the_closed_form(preset, low, high):
+    """Parameter count = embeddings + 18 d^2 + 15 d per block (attention 4, MLP 8, adaLN 6; biases) + final adaLN + head."""
+    cfg = ModelConfig.from_preset(preset, num_bins=51)
+    with torch.device("meta"):
+        params = DiT(cfg).num_params()
+    d, vocab = cfg.d_model, cfg.gene_vocab_size
+    closed_form = (vocab + 51 + 3) * d + cfg.n_layers * (18 * d * d + 15 * d) + (2 * d * d + 2 * d) + (d * 51 + 51)
+    assert params == closed_form
+    assert low < params < high

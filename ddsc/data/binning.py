@@ -45,30 +45,38 @@ def nonzero_bins(cfg: BinningConfig) -> tuple[int, int]:
 HISTOGRAM_LIMIT = 256  # integer counts below this are ranked by a per-cell histogram instead of a sort
 
 
-def count_below(cell: Tensor, nonzero: Tensor, query: Tensor) -> Tensor:
-    """For each query value, how many of its row's ``nonzero`` cell values are strictly smaller: int64 [B, Q].
+def quantile_positions(cell: Tensor, nonzero: Tensor, query: Tensor, num_bins: int) -> Tensor:
+    """Per-cell quantile bin (0..num_bins-1) of each query value among its row's ``nonzero`` cell values.
 
-    Integer counts below ``HISTOGRAM_LIMIT`` (nearly all UMI counts) are counted with one batched histogram
-    (bincount + cumsum), linear in the batch size; only the remaining values (large or non-integer) are
-    sorted. This replaces the per-cell sort of the straightforward implementation.
+    A value's bin depends only on its rank in the cell (``quantile_bin_index``). Integer counts below
+    ``HISTOGRAM_LIMIT`` (nearly all UMI counts) are ranked with one batched histogram (bincount + cumsum),
+    linear in the batch size, instead of the per-cell sort of the straightforward implementation. The histogram
+    has two extra slots per row, other non-zero values and ignored positions, so it also gives the row sizes:
+    the ``[B, N]`` cell is read by a few elementwise ops and one bincount, with no boolean-mask select or bool
+    sum (those cost more than the rest together). When a batch has only such small counts (the usual case) the
+    bin is a function of (cell, value): it is tabulated for the ``HISTOGRAM_LIMIT`` values and looked up.
+    Otherwise the large or non-integer values are sorted and the ranks of the queries counted.
     """
-    batch = cell.shape[0]
-    small = nonzero & (cell < HISTOGRAM_LIMIT)
+    batch, limit = cell.shape[0], HISTOGRAM_LIMIT
     slot = query
     if cell.is_floating_point():
-        small &= cell == cell.floor()
+        small = nonzero & (cell == cell.floor())
+        key = torch.where(small, cell.clamp(max=limit), torch.where(nonzero, limit, limit + 1)).long()
         slot = torch.ceil(query)  # the small integers below x are those below ceil(x)
-    rows = torch.arange(batch, device=cell.device)[:, None] * HISTOGRAM_LIMIT
-    flat = (rows + cell.clamp(0, HISTOGRAM_LIMIT - 1).long())[small]
-    histogram = torch.bincount(flat, minlength=batch * HISTOGRAM_LIMIT).view(batch, HISTOGRAM_LIMIT)
-    below_value = torch.nn.functional.pad(histogram.cumsum(dim=1), (1, 0))  # [:, v] = small values < v
-    below = below_value.gather(1, slot.clamp(0, HISTOGRAM_LIMIT).long())
-    rest = nonzero & ~small
-    most = int(rest.sum(dim=1).max())
-    if most:
-        ordered = cell.double().masked_fill(~rest, math.inf).topk(most, dim=1, largest=False).values
-        below += torch.searchsorted(ordered.contiguous(), query.double().contiguous(), side="left")
-    return below
+    else:
+        key = torch.where(nonzero, cell.clamp(max=limit), limit + 1)  # `limit`: large, sorted below
+    slot = slot.clamp(0, limit).long()
+    rows = torch.arange(batch, dtype=key.dtype, device=cell.device)[:, None] * (limit + 2)
+    histogram = torch.bincount((key + rows).view(-1), minlength=batch * (limit + 2)).view(batch, limit + 2)
+    n = histogram[:, : limit + 1].sum(dim=1)
+    below_value = torch.nn.functional.pad(histogram[:, :limit].cumsum(dim=1), (1, 0))  # [:, v] = small values < v
+    most = int(histogram[:, limit].max()) if batch else 0
+    if not most:
+        return quantile_bin_index(below_value, n, num_bins).gather(1, slot)
+    rest = nonzero & (key == limit)
+    ordered = cell.double().masked_fill(~rest, math.inf).topk(most, dim=1, largest=False).values
+    below = below_value.gather(1, slot) + torch.searchsorted(ordered, query.double().contiguous(), side="left")
+    return quantile_bin_index(below, n, num_bins)
 
 
 def quantile_bin_index(below: Tensor, n: Tensor, num_bins: int) -> Tensor:
@@ -110,8 +118,7 @@ def bin_counts(
         if counts.is_floating_point() != cell_counts.is_floating_point():  # one number type for the ranking
             counts, cell_counts = counts.double(), cell_counts.double()
         cell_nonzero = cell_real & (cell_counts > 0)
-        below = count_below(cell_counts, cell_nonzero, counts)
-        position = quantile_bin_index(below, cell_nonzero.sum(dim=1), k)
+        position = quantile_positions(cell_counts, cell_nonzero, counts, k)
     else:
         counts, cell_counts = counts.double(), cell_counts.double()
         if cfg.method == "global_log1p":

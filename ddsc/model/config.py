@@ -30,13 +30,14 @@ class ConditionConfig:
             raise ConfigError(f"conditions.{self.name}.dropout: must be in [0, 1], got {self.dropout}")
 
 
-# (d_model, n_layers, n_heads). "ddsc" is the size of the original DDSC model.
+# (d_model, n_layers, n_heads). "ddsc" is the size of the original DDSC model. Parameter counts (DiT.num_params,
+# Tahoe gene vocabulary, 51 bins, no conditions) include the adaLN maps (6 d^2 per block, a third of each block).
 PRESETS: dict[str, tuple[int, int, int]] = {
-    "tiny": (64, 2, 4),
-    "small": (256, 4, 4),
-    "ddsc": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "xl": (2048, 18, 16),  # about 1B parameters
+    "tiny": (64, 2, 4),  # 4M (0.2M outside the embeddings)
+    "small": (256, 4, 4),  # 21M
+    "ddsc": (768, 12, 12),  # 177M (129M outside the embeddings)
+    "large": (1024, 24, 16),  # 520M
+    "xl": (1536, 22, 16),  # 1.04B (0.94B outside the embeddings)
 }
 
 
