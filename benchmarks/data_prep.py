@@ -4,9 +4,14 @@ On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 
   1. per-worker conversion rate / plain single-threaded pyarrow read rate of the same file (target >= 0.5);
   2. 1 -> 2 worker scaling on two such files (ideal 2.0; limited by the machine's free cores);
   3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
-     flat), against the RSS of a process that only imports the converter.
-Each measurement runs in a fresh process; peak RSS is that process's VmHWM. The plain read is
-single-threaded (use_threads=False) like a worker, and the faster of two reads is the reference.
+     flat), against the RSS of a process that only imports the converter;
+  4. the same 1-worker ratio for each of `--compressions` (what the shard compression costs: zstd level 3,
+     Streaming's default and ours, against level 1 and none).
+Each measurement runs in a fresh process; peak RSS is that process's VmHWM, and its CPU seconds (all threads)
+are reported beside the wall time (the CPU-time ratio is steadier than wall time when other jobs share the
+cores; the target is on wall time). The plain read is single-threaded (use_threads=False) like a worker, and
+the faster of two reads is the reference. The load average is printed: on a shared machine every rate
+drops, the ratios much less.
 """
 
 from __future__ import annotations
@@ -22,27 +27,28 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 import pyarrow.parquet as pq
-mode, out, inputs, genes = sys.argv[1:5]
+mode, out, inputs, genes, compression = sys.argv[1:6]
+import pyarrow.dataset  # imported lazily by the vocab reader: a one-time import, like the ones above, not conversion
 from ddsc.data.mds_convert import WriteOptions
 from ddsc.data.splits import SplitSpec
 from ddsc.data.tahoe import convert_tahoe
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 if mode == "read":
     cells = sum(b.num_rows for b in pq.ParquetFile(inputs).iter_batches(batch_size=1024, use_threads=False))
 elif mode != "import":
-    options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode))
+    options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode), compression=compression)
     cells = convert_tahoe(inputs, genes, out, options=options)["cells_out"]
 else:
     cells = 0
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # peak RSS, kB
-print(json.dumps({"seconds": seconds, "cells": cells, "peak_rss_mb": hwm / 1024}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "cells": cells, "peak_rss_mb": hwm / 1024}))
 """
 
 
-def run_child(mode: str, out: Path, inputs: Path, genes: Path) -> dict:
+def run_child(mode: str, out: Path, inputs: Path, genes: Path, compression: str = "zstd") -> dict:
     """Run one measurement in a fresh process; returns its timing and that process's peak RSS (VmHWM)."""
-    command = [sys.executable, "-c", CHILD, mode, str(out), str(inputs), str(genes)]
+    command = [sys.executable, "-c", CHILD, mode, str(out), str(inputs), str(genes), compression.replace("none", "")]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark child {mode} failed:\n{result.stderr[-2000:]}")
@@ -70,6 +76,12 @@ def main() -> None:
         "--scale", type=int, default=10, help="cells of the large input / cells per shard (default %(default)s)"
     )
     parser.add_argument("--workdir", help="where to write the inputs (default: a temporary folder)")
+    parser.add_argument(
+        "--compressions",
+        default="zstd:1,none",
+        help="comma-separated extra shard compressions to time against the read ('none' = uncompressed; "
+        "default %(default)s; '' = skip)",
+    )
     args = parser.parse_args()
 
     import pyarrow as pa
@@ -104,13 +116,23 @@ def main() -> None:
         serial = run_child("1", root / "two", inputs, genes)
         parallel = run_child("2", root / "two2", inputs, genes)
         large = run_child("1", root / "big", big, genes)
+        extra = {
+            c: run_child("1", root / f"c{i}", shard, genes, c)
+            for i, c in enumerate(filter(None, args.compressions.split(",")))
+        }
 
     rate = lambda r: r["cells"] / r["seconds"]  # noqa: E731
+    cpu_rate = lambda r: r["cells"] / r["cpu_seconds"]  # noqa: E731
+    read_cpu = min(first_read, second_read, key=lambda r: r["cpu_seconds"])
     report = {
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         "cells_per_shard": args.cells,
         "pyarrow_read_cells_per_s": round(rate(read)),
         "convert_cells_per_s_1_worker": round(rate(one)),
         "ratio_convert_vs_pyarrow_read": round(rate(one) / rate(read), 3),
+        "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_rate(one) / cpu_rate(read_cpu), 3),
+        "convert_cpu_s_per_wall_s": round(one["cpu_seconds"] / one["seconds"], 2),
+        **{f"ratio_convert_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in extra.items()},
         "scaling_1_to_2_workers": round(rate(parallel) / rate(serial), 3),
         "cpu_count": os.cpu_count(),
         "peak_rss_mb_import_only": round(base["peak_rss_mb"]),

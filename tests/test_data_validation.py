@@ -30,6 +30,7 @@ ROWS = [
     ([1, 5, 6], [-2, 1], "length_mismatch"),
     ([1, 99999], [-2, 3], "empty_cell"),  # only an unknown gene
     ([1, 5], [-2, 3e9], "count_overflow"),
+    ([1, 5], [-2, float(2**31)], "count_overflow"),  # float32 rounds 2**31 - 1 up to this very value
     ([1, 1, 2, 9], [-2, 5, 5, 2], ([9], [2])),  # special ids inside the body are not genes
     ([1, 9, 5, 7], [-2, 1, 2, 3], ([9, 5, 7], [1, 2, 3])),  # unsorted is fine; order kept
     (None, [-2, 1], "null_row"),

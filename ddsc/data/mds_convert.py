@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from streaming import MDSWriter
 from tqdm import tqdm
 
 from ddsc.data.cells import CellBatch
 from ddsc.data.conversion_stats import PartStats, format_summary, merge_labels, summarize
+from ddsc.data.mds_shards import MDSShardWriter, Ragged
 from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS, SUMMARY_FILE
 from ddsc.data.splits import SPLITS, SplitSpec, assign_splits
 from ddsc.data.vocab import GeneVocab
@@ -76,12 +76,19 @@ def _atomic_write_json(path: Path, payload: object) -> None:
     os.replace(tmp, path)
 
 
-def _sample(batch: CellBatch, i: int) -> dict:
-    lo, hi = batch.offsets[i], batch.offsets[i + 1]
-    sample = {"cell_id": batch.cell_ids[i], "genes": batch.genes[lo:hi], "counts": batch.counts[lo:hi]}
+def _columns(batch: CellBatch, rows: np.ndarray) -> dict[str, list[str] | Ragged]:
+    """The MDS columns of the batch's cells ``rows`` (gene / count rows are views, not copies)."""
+    starts, ends = batch.offsets[:-1][rows], batch.offsets[1:][rows]
+    take = rows.tolist()
+    columns: dict[str, list[str] | Ragged] = {
+        "cell_id": [batch.cell_ids[i] for i in take],
+        "genes": Ragged(batch.genes, starts, ends),
+        "counts": Ragged(batch.counts, starts, ends),
+    }
     for col in METADATA_COLUMNS:
-        sample[col] = batch.metadata[col][i]
-    return sample
+        values = batch.metadata[col]
+        columns[col] = [values[i] for i in take]
+    return columns
 
 
 # Progress reporting from convert_part: the bar's update in-process, a queue's put in a worker process.
@@ -105,28 +112,22 @@ def convert_part(source: CellSource, path: str, out: Path, options: WriteOptions
         for leftover in (out / split / name, out / split / f"{name}.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
     stats = PartStats(input=path)
-    writers: dict[int, MDSWriter] = {}
+    writers: dict[int, MDSShardWriter] = {}
     try:
         _report(-source.count_cells(path))
         for batch in source.batches(path):
             split = assign_splits(batch, options.split)
             stats.add(batch, split)
-            for i, s in enumerate(split.tolist()):
+            for s in np.unique(split).tolist():
                 if s not in writers:
                     tmp = out / SPLITS[s] / f"{name}.tmp"
-                    writers[s] = MDSWriter(
-                        columns=MDS_COLUMNS,
-                        out=str(tmp),
-                        compression=options.compression,
-                        size_limit=options.shard_size,
-                    )
-                writers[s].write(_sample(batch, i))
+                    writers[s] = MDSShardWriter(tmp, MDS_COLUMNS, options.compression, options.shard_size)
+                writers[s].write_batch(_columns(batch, np.flatnonzero(split == s)))
             _report(batch.cells_in)
-    except Exception as err:
-        raise ConversionError(f"{path}: {err}") from err
-    finally:
         for writer in writers.values():
             writer.finish()
+    except Exception as err:
+        raise ConversionError(f"{path}: {err}") from err
     for s in sorted(writers):
         tmp, final = out / SPLITS[s] / f"{name}.tmp", out / SPLITS[s] / name
         stats.bytes_written += sum(f.stat().st_size for f in tmp.iterdir())

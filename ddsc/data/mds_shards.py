@@ -1,0 +1,215 @@
+"""A bulk writer of Streaming MDS shards: one call encodes a whole batch of cells, byte-identical to MDSWriter.
+
+Why not ``streaming.MDSWriter``: its ``write`` encodes one sample at a time in Python (a dict, a per-column
+encoder look-up, numpy dtype checks), about 0.2 ms per 14-column cell, several times the cost of reading
+the cell from parquet. Here a batch is encoded with one ``bytes.join`` over per-row pieces that are mostly
+zero-copy views of the flat gene / count arrays, so the writer costs a few microseconds per cell plus the
+compression of the bytes.
+
+The files are the ones MDSWriter writes for the same samples (mosaicml-streaming 0.13,
+``streaming/base/format/mds/{writer,encodings}.py``; tests/test_data_mds_shards.py checks byte equality):
+
+* shard  = ``uint32 num_samples``, ``uint32 offsets[num_samples + 1]`` (from the file start), the writer's
+  config as sorted-key JSON, then the samples;
+* sample = the ``uint32`` byte size of every variable-size column, then every column's bytes, both in sorted
+  column-name order;
+* ``str`` = utf-8; ``ndarray:<dtype>`` (fixed dtype, dynamic shape) = one byte ``ndim << 2 | w`` with ``w``
+  the width code of the smallest unsigned int holding the shape (0: uint8 ... 3: uint64), the shape in that
+  type, then the raw values;
+* a shard is cut before the sample that would take it past ``size_limit`` (counting 8 bytes + the config per
+  shard and 4 bytes per sample), the same greedy rule as MDSWriter, empty-shard corner case included;
+* compression through Streaming's own ``compress``; ``index.json`` is MDSWriter's, key for key.
+
+Only the encodings the DDSC schema uses are supported (``str`` and fixed-dtype ``ndarray``); others are
+refused at construction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from streaming.base.compression import compress, get_compression_extension, is_compression
+from streaming.base.format.index import get_index_basename
+
+FORMAT = "mds"
+SAMPLE_OVERHEAD = 4  # MDSWriter.extra_bytes_per_sample: the sample's offset in the shard header
+_SHAPE_WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Rows of a flat array: row ``i`` is ``values[starts[i]:ends[i]]`` (no copy of the values needed)."""
+
+    values: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+
+@lru_cache(maxsize=1 << 16)
+def _shape_header(length: int) -> bytes:
+    """The ``ndarray`` prefix of a 1-D array of ``length`` values (lengths repeat, so they are cached)."""
+    width = next(i for i, t in enumerate(_SHAPE_WIDTHS) if length <= np.iinfo(t).max)
+    return bytes([1 << 2 | width]) + _SHAPE_WIDTHS[width](length).tobytes()
+
+
+def _array_dtype(encoding: str) -> np.dtype | None:
+    """``"ndarray:int32"`` -> int32; None for ``"str"``; ValueError for anything this writer cannot encode."""
+    if encoding == "str":
+        return None
+    kind, _, dtype = encoding.partition(":")
+    if kind != "ndarray" or not dtype or ":" in dtype:
+        raise ValueError(f"MDSShardWriter encodes 'str' and 'ndarray:<dtype>' columns only, not {encoding!r}")
+    return np.dtype(dtype)
+
+
+def _encode_strings(column: Sequence[str]) -> tuple[list[list[bytes]], np.ndarray]:
+    encoded = [s.encode("utf-8") for s in column]
+    return [encoded], np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+
+
+def _encode_arrays(name: str, column: Ragged, dtype: np.dtype) -> tuple[list[list], np.ndarray]:
+    """Per row: the shape header and a zero-copy view of the row's values."""
+    if column.values.dtype != dtype:
+        raise ValueError(f"column {name!r}: expected {dtype} values, got {column.values.dtype}")
+    starts, ends = np.asarray(column.starts, dtype=np.int64), np.asarray(column.ends, dtype=np.int64)
+    lengths = ends - starts
+    if len(lengths) and lengths.min() <= 0:
+        raise ValueError(f"column {name!r}: row {int(np.argmin(lengths))} is empty (MDS cannot encode it)")
+    values = memoryview(np.ascontiguousarray(column.values)).cast("B")
+    item = dtype.itemsize
+    headers = [_shape_header(length) for length in lengths.tolist()]
+    rows = [values[a:b] for a, b in zip((starts * item).tolist(), (ends * item).tolist(), strict=True)]
+    header_sizes = np.fromiter(map(len, headers), dtype=np.int64, count=len(headers))
+    return [headers, rows], header_sizes + lengths * item
+
+
+class MDSShardWriter:
+    """Write batches of samples into an MDS folder (``shard.NNNNN.mds[.zstd]`` + ``index.json``).
+
+    ``columns`` maps names to encodings as for MDSWriter. ``write_batch`` takes, per column, a list of str
+    or a :class:`Ragged` of 1-D arrays (each row non-empty, like MDSWriter's ndarray encoding requires).
+    ``finish`` flushes the last shard and writes the index; a writer that is not finished leaves no index.
+    """
+
+    def __init__(
+        self, out: str | Path, columns: Mapping[str, str], compression: str | None, size_limit: int | None
+    ) -> None:
+        compression = compression or None
+        if compression and not is_compression(compression):
+            raise ValueError(f"invalid compression: {compression}")
+        size_limit = size_limit or None
+        if size_limit is not None and not 0 < size_limit < 2**32:
+            raise ValueError(f"size_limit must be in (0, 2**32): shard offsets are uint32, got {size_limit}")
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.compression = compression
+        self.size_limit = size_limit
+        if not columns:
+            raise ValueError("no columns")
+        self.names = sorted(columns)
+        self.dtypes = [_array_dtype(columns[name]) for name in self.names]
+        self.config = {
+            "version": 2,
+            "format": FORMAT,
+            "compression": compression,
+            "hashes": [],
+            "size_limit": size_limit,
+            "column_names": self.names,
+            "column_encodings": [columns[name] for name in self.names],
+            "column_sizes": [None] * len(self.names),  # both encodings are variable-size
+        }
+        self.config_data = json.dumps(self.config, sort_keys=True).encode("utf-8")
+        self.shard_overhead = 8 + len(self.config_data)  # MDSWriter.extra_bytes_per_shard
+        self.shards: list[dict] = []
+        self._pending: list[memoryview] = []  # encoded samples (byte ranges of batch buffers) of the open shard
+        self._pending_sizes: list[np.ndarray] = []
+        self._shard_bytes = self.shard_overhead
+
+    def write_batch(self, columns: Mapping[str, Sequence[str] | Ragged]) -> None:
+        data, sizes = self._encode(columns)
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        charged = sizes + SAMPLE_OVERHEAD
+        first, n = 0, len(sizes)
+        while first < n:
+            room = np.inf if self.size_limit is None else self.size_limit - self._shard_bytes
+            cum = np.cumsum(charged[first:])
+            fits = int(np.searchsorted(cum, room, side="right"))
+            if fits == n - first:
+                self._add(data, starts, ends, first, n, int(cum[-1]))
+                return
+            self._add(data, starts, ends, first, first + fits, int(cum[fits - 1]) if fits else 0)
+            self._flush()
+            # MDSWriter appends the sample that did not fit to the new shard whatever its size.
+            self._add(data, starts, ends, first + fits, first + fits + 1, int(charged[first + fits]))
+            first += fits + 1
+
+    def finish(self) -> None:
+        if self._pending:
+            self._flush()
+        index = self.out / get_index_basename()
+        with open(index, "w") as f:
+            json.dump({"version": 2, "shards": self.shards}, f, sort_keys=True)
+
+    def _encode(self, columns: Mapping[str, Sequence[str] | Ragged]) -> tuple[memoryview, np.ndarray]:
+        """The batch's samples back to back in one buffer, and each sample's size in bytes."""
+        missing = set(self.names) - set(columns)
+        if missing:
+            raise KeyError(f"batch lacks column(s) {sorted(missing)}")
+        pieces_per_column: list[list] = []  # per column, one list (str) or two (ndarray header, values)
+        sizes = []
+        for name, dtype in zip(self.names, self.dtypes, strict=True):
+            pieces, column_sizes = (
+                _encode_strings(columns[name]) if dtype is None else _encode_arrays(name, columns[name], dtype)
+            )
+            pieces_per_column += pieces
+            sizes.append(column_sizes)
+        n = len(sizes[0])
+        if any(len(s) != n for s in sizes):
+            rows = {name: len(s) for name, s in zip(self.names, sizes, strict=True)}
+            raise ValueError(f"batch columns have different numbers of rows: {rows}")
+        size_table = np.stack(sizes, axis=1)
+        head_size = 4 * len(self.names)
+        heads = memoryview(size_table.astype(np.uint32).tobytes())
+        step = len(pieces_per_column) + 1
+        interleaved: list = [None] * (n * step)
+        interleaved[0::step] = [heads[i : i + head_size] for i in range(0, n * head_size, head_size)]
+        for k, pieces in enumerate(pieces_per_column, start=1):
+            interleaved[k::step] = pieces
+        return memoryview(b"".join(interleaved)), size_table.sum(axis=1) + head_size
+
+    def _add(self, data: memoryview, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int, charged: int) -> None:
+        if hi > lo:
+            self._pending.append(data[int(starts[lo]) : int(ends[hi - 1])])
+            self._pending_sizes.append(ends[lo:hi] - starts[lo:hi])
+        self._shard_bytes += charged
+
+    def _flush(self) -> None:
+        """Write the open shard (MDSWriter.flush_shard: encode, compress, name, record in the index)."""
+        sizes = np.concatenate(self._pending_sizes) if self._pending_sizes else np.zeros(0, np.int64)
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        offsets += 4 + 4 * len(offsets) + len(self.config_data)
+        header = np.uint32(len(sizes)).tobytes() + offsets.astype(np.uint32).tobytes()
+        raw = b"".join([header, self.config_data, *self._pending])
+        raw_name = f"shard.{len(self.shards):05}.{FORMAT}"
+        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {}}
+        zip_info = None
+        data = raw
+        if self.compression:
+            data = compress(self.compression, raw)
+            zip_info = {
+                "basename": f"{raw_name}.{get_compression_extension(self.compression)}",
+                "bytes": len(data),
+                "hashes": {},
+            }
+        with open(self.out / (zip_info or raw_info)["basename"], "wb") as f:
+            f.write(data)
+        self.shards.append({"samples": len(sizes), "raw_data": raw_info, "zip_data": zip_info, **self.config})
+        self._pending, self._pending_sizes = [], []
+        self._shard_bytes = self.shard_overhead

@@ -1,0 +1,150 @@
+"""The bulk MDS shard writer against Streaming's own MDSWriter: same cells -> identical files, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_prep_helpers import read_split
+from streaming import MDSWriter
+from streaming.base.compression import decompress
+
+from ddsc.data.cells import CellBatch, validate
+from ddsc.data.mds_shards import MDSShardWriter, Ragged
+from ddsc.data.schema import MDS_COLUMNS, METADATA_COLUMNS
+
+
+def _cells(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, list[str]]]:
+    """Ragged cells whose lengths cross every shape-width boundary of the ndarray encoding (uint8 / uint16 /
+    uint32) and whose strings include empty and non-ASCII values."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, n)
+    lengths[[1, 2, 3, 4]] = [255, 256, 65535, 65536]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    genes = rng.integers(3, 2**31 - 1, offsets[-1]).astype(np.int32)
+    counts = rng.integers(1, 1000, offsets[-1]).astype(np.int32)
+    metadata = {col: [("µ-" + col) * (i % 3) + str(i % 5) * (i % 2) for i in range(n)] for col in METADATA_COLUMNS}
+    return [f"cell:{i}" for i in range(n)], offsets, genes, counts, metadata
+
+
+def _write_reference(out: Path, cells: tuple, compression: str | None, size_limit: int | None) -> None:
+    ids, offsets, genes, counts, metadata = cells
+    with MDSWriter(columns=MDS_COLUMNS, out=str(out), compression=compression, size_limit=size_limit) as writer:
+        for i, cell_id in enumerate(ids):
+            lo, hi = offsets[i], offsets[i + 1]
+            sample = {"cell_id": cell_id, "genes": genes[lo:hi], "counts": counts[lo:hi]}
+            writer.write(sample | {col: metadata[col][i] for col in METADATA_COLUMNS})
+
+
+def _write_bulk(out: Path, cells: tuple, compression: str | None, size_limit: int | None, batch: int) -> None:
+    ids, offsets, genes, counts, metadata = cells
+    writer = MDSShardWriter(out, MDS_COLUMNS, compression, size_limit)
+    for lo in range(0, len(ids), batch):
+        rows = slice(lo, lo + batch)
+        starts, ends = offsets[:-1][rows], offsets[1:][rows]
+        columns = {"cell_id": ids[rows], "genes": Ragged(genes, starts, ends), "counts": Ragged(counts, starts, ends)}
+        writer.write_batch(columns | {col: metadata[col][rows] for col in METADATA_COLUMNS})
+    writer.finish()
+
+
+@pytest.mark.parametrize(
+    ("compression", "size_limit", "batch"),
+    [
+        ("zstd", 1 << 26, 64),  # the converter's defaults: one shard
+        ("zstd:1", 1 << 16, 7),  # many shards, cut inside batches
+        (None, 3000, 50),  # samples larger than a shard: MDSWriter's empty first shard and one-sample shards
+        ("zstd", None, 1000),  # no size limit
+    ],
+)
+def test_files_identical_to_mdswriter(tmp_path: Path, compression: str | None, size_limit: int | None, batch: int):
+    cells = _cells(300)
+    _write_reference(tmp_path / "ref", cells, compression, size_limit)
+    _write_bulk(tmp_path / "bulk", cells, compression, size_limit, batch)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "bulk").iterdir())
+    assert len(names) > (2 if size_limit and size_limit < 1 << 20 else 1)  # shards + index.json
+    for name in names:
+        ref, bulk = (tmp_path / "ref" / name).read_bytes(), (tmp_path / "bulk" / name).read_bytes()
+        assert ref == bulk, name
+        if compression and name != "index.json":
+            assert decompress(compression, ref) == decompress(compression, bulk), name
+
+
+def test_streaming_reads_back_the_input(tmp_path: Path):
+    cells = _cells(120, seed=1)
+    ids, offsets, genes, counts, metadata = cells
+    # Rows picked out of order and with gaps (how the converter hands a split's cells over: views, no copies).
+    rows = np.array([5, 0, 7, 3, 2] + list(range(10, 120, 3)))
+    writer = MDSShardWriter(tmp_path, MDS_COLUMNS, "zstd", 1 << 15)
+    for part in np.array_split(rows, 4):
+        columns = {
+            "cell_id": [ids[i] for i in part],
+            "genes": Ragged(genes, offsets[part], offsets[part + 1]),
+            "counts": Ragged(counts, offsets[part], offsets[part + 1]),
+        }
+        writer.write_batch(columns | {col: [metadata[col][i] for i in part] for col in METADATA_COLUMNS})
+    writer.finish()
+    back = read_split(tmp_path)
+    assert list(back) == [ids[i] for i in rows]
+    for i in rows:
+        sample = back[ids[i]]
+        lo, hi = offsets[i], offsets[i + 1]
+        assert sample["genes"].dtype == np.int32 and np.array_equal(sample["genes"], genes[lo:hi])
+        assert np.array_equal(sample["counts"], counts[lo:hi])
+        assert {col: sample[col] for col in METADATA_COLUMNS} == {col: metadata[col][i] for col in METADATA_COLUMNS}
+
+
+def test_bad_batches_are_refused(tmp_path: Path):
+    values = np.arange(1, 10, dtype=np.int32)
+    strings = {col: ["a", "b"] for col in ["cell_id", *METADATA_COLUMNS]}
+    writer = MDSShardWriter(tmp_path, MDS_COLUMNS, "zstd", 1 << 20)
+    empty_row = Ragged(values, np.array([0, 4]), np.array([4, 4]))
+    with pytest.raises(ValueError, match="'counts': row 1 is empty"):
+        writer.write_batch(strings | {"genes": empty_row, "counts": empty_row})
+    ok, wrong = Ragged(values, np.array([0, 4]), np.array([4, 9])), Ragged(values.astype(np.int64), [0, 4], [4, 9])
+    with pytest.raises(ValueError, match="'genes': expected int32 values, got int64"):
+        writer.write_batch(strings | {"genes": wrong, "counts": ok})
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        writer.write_batch(strings | {"cell_id": ["a"], "genes": ok, "counts": ok})
+    with pytest.raises(KeyError, match="plate"):
+        writer.write_batch({k: v for k, v in (strings | {"genes": ok, "counts": ok}).items() if k != "plate"})
+    with pytest.raises(ValueError, match="'str' and 'ndarray:<dtype>' columns only"):
+        MDSShardWriter(tmp_path / "x", {"a": "pkl"}, None, None)
+    with pytest.raises(ValueError, match="invalid compression"):
+        MDSShardWriter(tmp_path / "y", MDS_COLUMNS, "zstd:99", None)
+    assert not (tmp_path / "index.json").exists()  # nothing finished, nothing indexed
+
+
+def _validate(genes: list[list[int]], values: list[list[float]]) -> CellBatch:
+    offsets = np.concatenate([[0], np.cumsum([len(g) for g in genes])])
+    known = np.zeros(50, dtype=bool)
+    known[3:] = True
+    n = len(genes)
+    flat_genes = np.array([g for cell in genes for g in cell], dtype=np.int64)
+    flat_values = np.array([v for cell in values for v in cell], dtype=np.float32)
+    metadata = {col: [f"{col}{i}" for i in range(n)] for col in METADATA_COLUMNS}
+    return validate(
+        flat_genes, flat_values, offsets, known, np.zeros(n, np.int8), [f"c{i}" for i in range(n)], metadata
+    )
+
+
+def test_clean_fast_path_equals_per_cell_rules():
+    """A clean batch takes the fast path; the same cells beside one bad cell take the per-cell path. The
+    kept cells must come out the same either way."""
+    clean_genes, clean_values = [[3, 7, 9], [4], [5, 6, 40, 49]], [[1, 2, 3], [7], [1, 1, 2_000_000_000, 5]]
+    fast = _validate(clean_genes, clean_values)
+    slow = _validate([*clean_genes, [8, 8]], [*clean_values, [1, 2]])  # a duplicate gene: per-cell path
+    assert slow.rejected == {"duplicate_gene": 1} and fast.rejected == {}
+    assert fast.cells_in == 3 and slow.cells_in == 4
+    assert fast.cell_ids == slow.cell_ids == ["c0", "c1", "c2"]
+    for name in ("offsets", "genes", "counts"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert fast.metadata == slow.metadata
+    # Each condition the fast path rules out must reach the per-cell rule that counts it.
+    assert _validate([[3, 4], [5]], [[1, 2**31], [1]]).rejected == {"count_overflow": 1}
+    assert _validate([[3, 4], [5]], [[1, 0.5], [1]]).rejected == {"non_integer_count": 1}
+    assert _validate([[4, 3], [5]], [[1, 2], [1]]).genes.tolist() == [4, 3, 5]  # unsorted but valid: kept as is
+    assert _validate([[3, 60], [5]], [[1, 2], [1]]).dropped == {"unknown_gene": 1}
+    assert _validate([[3, 4], [5]], [[1, 0], [1]]).dropped == {"zero_count": 1}
