@@ -38,6 +38,7 @@ from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator, pad_cells
 from ddsc.data.labels import LabelVocab
 from ddsc.data.readers import _column
+from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.tokens import GENE_CLS, GENE_PAD
 from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
@@ -162,7 +163,9 @@ class Predictor:
         self.max_length = self.config.max_genes
         self.conditions = self.config.condition_names
         # Bins user counts exactly as in training (``bins_for``); conditions are encoded by ``_cond``.
-        self.collator = CellCollator(self.max_length, self.binning, labels, self.conditions)
+        self.collator = CellCollator(
+            self.max_length, self.binning, labels, self.conditions, gene_vocab_size=self.config.gene_vocab_size
+        )
         self.autocast_dtype = _autocast_dtype(precision, self.device)
         self.batch_size = batch_size
         self.progress = progress
@@ -230,14 +233,23 @@ class Predictor:
         )
 
     def samples_from_anndata(self, adata, layer: str | None = None) -> tuple[list[dict], int]:
-        """MDS-style samples (genes, counts, obs metadata as strings) and the number of matched genes."""
+        """MDS-style samples (cell_id = obs name, genes, counts, and as strings the obs columns that are model
+        conditions or MDS metadata columns) and the number of matched genes."""
         cells = self.entries(adata, layer=layer)
         obs = adata.obs
+        columns = [col for col in dict.fromkeys([*self.conditions, *METADATA_COLUMNS]) if col in obs]
         samples = []
         for i in range(cells.n_cells):
             s = cells.cell(i)
-            meta = {col: str(obs[col].iloc[i]) for col in self.conditions if col in obs}
-            samples.append({"genes": cells.tokens[s].astype(np.int32), "counts": cells.counts[s], **meta})
+            meta = {col: str(obs[col].iloc[i]) for col in columns}
+            samples.append(
+                {
+                    "cell_id": str(adata.obs_names[i]),
+                    "genes": cells.tokens[s].astype(np.int32),
+                    "counts": cells.counts[s],
+                    **meta,
+                }
+            )
         return samples, int(np.count_nonzero(self.map_genes(adata).tokens >= 0))
 
     # ---------------------------------------------------------------- batching

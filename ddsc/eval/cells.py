@@ -35,11 +35,22 @@ class EvalCells:
         idx = range(len(self)) if idx is None else idx
         return [(self.genes[i], self.bins[i]) for i in idx]
 
+    def subset(self, idx: Sequence[int]) -> EvalCells:
+        idx = list(idx)
+        return EvalCells(
+            [self.cell_ids[i] for i in idx],
+            [self.genes[i] for i in idx],
+            [self.bins[i] for i in idx],
+            self.cond[idx],
+            {c: [v[i] for i in idx] for c, v in self.metadata.items()},
+        )
 
-def fresh_collator(collator: CellCollator, seed: int) -> CellCollator:
-    """A copy of ``collator`` with a new seed and an unused generator, so collation is reproducible."""
+
+def fresh_collator(collator: CellCollator, seed: int, max_length: int | None = None) -> CellCollator:
+    """A copy of ``collator`` with a new seed and an unused generator, so collation is reproducible
+    (``max_length``: another gene limit, e.g. a huge one to keep whole cells)."""
     return CellCollator(
-        max_length=collator.max_length,
+        max_length=collator.max_length if max_length is None else max_length,
         binning=collator.binning,
         labels=collator.labels,
         conditions=collator.conditions,

@@ -8,7 +8,10 @@ sampler, so two runs on the same model give the same numbers. The baselines are 
 ``metrics.json`` layout: ``setup``; ``masked.{rate}.{model|marginal|knn}`` (masked_ce, masked_acc,
 masked_acc_pm1, ece, num_masked, and for every predictor ``confusion`` [true bin][predicted bin], for the
 model also ``calibration``); ``margins.{rate}`` (baseline CE minus model CE, > 0 = model better); ``nelbo``;
-``generation`` and ``perturbation`` with ``generated`` and ``reference`` (held-out real) values.
+``generation`` and ``perturbation`` with ``generated`` and ``reference`` (held-out real) values;
+``ground_truth`` (demo data: generated drug effects against the saved true ones, see
+:mod:`ddsc.eval.ground_truth`) with ``generated`` and ``reference`` (real held-out cells) per
+"cell line|drug|dose" group, their means and per-dose means.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddsc.commands.model_args import user_errors
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -27,6 +31,7 @@ if TYPE_CHECKING:  # torch-heavy modules are imported where used, so ``ddsc --he
     from ddsc.data.collator import CellCollator
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
     from ddsc.eval.report import ReportArrays
+    from ddsc.inference import Predictor
 
 
 def evaluate(
@@ -101,6 +106,26 @@ def evaluate(
         )
         if pert is not None:
             metrics["perturbation"], arrays.delta_real, arrays.delta_generated = pert
+    if settings.ground_truth:
+        from ddsc.eval.ground_truth import DrugEffects, ground_truth_eval
+
+        known = ground_truth_eval(
+            model,
+            collator,
+            eval_samples,
+            DrugEffects.load(settings.ground_truth),
+            settings.sampler,
+            control=settings.control,
+            max_control_cells=settings.truth_control_cells,
+            min_obs=settings.truth_min_obs,
+            device=device,
+            diffusion_cfg=diffusion.cfg,
+        )
+        if known is None:
+            reason = "the model has no drug condition, or no control cell of a ground-truth cell line was evaluated"
+            metrics["ground_truth"] = {"source": settings.ground_truth, "skipped": reason}
+        else:
+            metrics["ground_truth"], arrays.truth_effect, arrays.truth_generated = known
     return metrics, arrays
 
 
@@ -125,7 +150,7 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
 
 def load_data(
     data: Path,
-    predictor,
+    predictor: Predictor,
     split: str | None,
     train_split: str,
     settings: EvalSettings,
@@ -133,16 +158,29 @@ def load_data(
     max_train_cells: int,
     baseline_fraction: float,
 ) -> tuple[list[dict], list[dict], str]:
-    """(baseline train samples, evaluation samples, description of where they came from)."""
+    """(baseline train samples, evaluation samples, description of where they came from).
+
+    An .h5ad is read through the model's gene mapping (``Predictor.samples_from_anndata``); its cells are split
+    by a seeded hash of the cell name, and cells without any matched non-zero gene are dropped and counted.
+    """
     if data.suffix == ".h5ad":
         import anndata
 
         from ddsc.data.splits import unit_hash
 
-        samples, matched = predictor.samples_from_anndata(anndata.read_h5ad(data))
+        if not data.is_file():
+            raise FileNotFoundError(f"--data {data}: no such file")
+        adata = anndata.read_h5ad(data)
+        samples, matched = predictor.samples_from_anndata(adata)
+        empty = sum(1 for s in samples if not len(s["genes"]))
+        samples = [s for s in samples if len(s["genes"])]
         fit = [s for s in samples if unit_hash(settings.seed, str(s["cell_id"])) < baseline_fraction]
         rest = [s for s in samples if unit_hash(settings.seed, str(s["cell_id"])) >= baseline_fraction]
-        return fit[:max_train_cells], rest[:max_cells], f"{data} ({matched} genes matched the model vocabulary)"
+        source = (
+            f"{data} ({adata.n_obs} cells, {empty} dropped without a matched non-zero gene; "
+            f"{matched} of {adata.n_vars} genes matched the model vocabulary)"
+        )
+        return fit[:max_train_cells], rest[:max_cells], source
     if split is None:
         split = "test" if (data / "test" / "index.json").is_file() else "valid"
     train = read_mds(data / train_split, max_train_cells, settings.seed)
@@ -177,6 +215,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--max-genes", type=int, default=1000, help="genes used by the generation metrics")
     parser.add_argument("--top-k", type=int, default=50, help="top DE genes compared per (cell line, drug)")
+    parser.add_argument(
+        "--ground-truth",
+        type=Path,
+        default=None,
+        help="demo ground_truth/ folder (known drug effects) to score conditional generation against; default: "
+        "DATA/ground_truth or, in the demo layout, DATA/../tahoe/ground_truth when present",
+    )
+    parser.add_argument(
+        "--truth-control-cells",
+        type=int,
+        default=8,
+        help="ground truth: control cells per cell line whose gene panels are generated under every (drug, dose)",
+    )
     parser.add_argument("--device", default="cpu")
 
 
@@ -196,6 +247,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         top_k=args.top_k,
         sampler=sampler,
         device=args.device,
+        ground_truth=None if args.ground_truth is None else str(args.ground_truth),
+        truth_control_cells=args.truth_control_cells,
     )
 
 
@@ -209,14 +262,20 @@ def summary_line(metrics: dict) -> str:
     return "; ".join(parts)
 
 
+@user_errors
 def run(args: argparse.Namespace) -> int:
+    from ddsc.diffusion.masked_diffusion import MaskedDiffusion
+    from ddsc.eval.ground_truth import find_ground_truth
     from ddsc.eval.report import write_report
     from ddsc.inference import Predictor
 
     settings = settings_from_args(args)
+    if settings.ground_truth is None and args.data.suffix != ".h5ad":
+        found = find_ground_truth(args.data)
+        settings.ground_truth = None if found is None else str(found)
     start = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, device=settings.device)
-    predictor.model.eval()
+    diffusion = MaskedDiffusion(predictor.diffusion, predictor.config.num_bins)
     train, evaluation, source = load_data(
         args.data,
         predictor,
@@ -227,9 +286,16 @@ def run(args: argparse.Namespace) -> int:
         args.max_train_cells,
         args.baseline_fraction,
     )
-    metrics, arrays = evaluate(predictor.model, predictor.collator, predictor.diffusion, train, evaluation, settings)
+    metrics, arrays = evaluate(predictor.model, predictor.collator, diffusion, train, evaluation, settings)
     metrics["setup"].update({"model": str(args.model), "data": source, "settings": asdict(settings)})
     files = write_report(args.out, metrics, arrays)
     print(f"evaluated {len(evaluation)} cells in {time.perf_counter() - start:.0f}s: {summary_line(metrics)}")
+    known = metrics.get("ground_truth", {})
+    if "generated" in known:
+        print(
+            f"known drug effects ({known['source']}): generated delta Pearson "
+            f"{known['generated']['mean_delta_pearson']:.3f} (real held-out cells: "
+            f"{known['reference']['mean_delta_pearson']:.3f})"
+        )
     print(f"report: {files[-2]} ({len(files)} files in {args.out})")
     return 0

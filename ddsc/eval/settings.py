@@ -34,3 +34,6 @@ class EvalSettings:
     control: str = "DMSO_TF"
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     device: str = "cpu"
+    ground_truth: str | None = None  # demo ground_truth/ folder: score generated drug effects against it
+    truth_control_cells: int = 8  # control cells per cell line whose gene panels are generated (x10 passes)
+    truth_min_obs: int = 3  # panels a gene must appear in to enter the ground-truth correlation
