@@ -164,6 +164,11 @@ def test_composer_checkpoint_export_matches_training_model(composer_run, data, t
     assert config["auto_map"] == {"AutoConfig": "hf.DDSCConfig", "AutoModel": "hf.DDSCModel"}
     assert config["max_genes"] == 32 and config["binning"]["num_bins"] == 8
     assert [c["num_labels"] for c in config["conditions"]] == [3, 2]
+    # the save folder stands for its newest checkpoint
+    assert export_checkpoint(save, tmp_path / "hf_from_folder").checkpoint_kind == "composer"
+    torch.testing.assert_close(
+        logits(DDSCModel.from_pretrained(tmp_path / "hf_from_folder"), batch), reference, rtol=0, atol=0
+    )
 
 
 def test_callback_exports_match_training_model(composer_run, data):

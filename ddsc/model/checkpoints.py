@@ -11,7 +11,7 @@ Formats, as the trainers write them:
 - DeepSpeed ZeRO (any stage): a save folder with a ``latest`` file and tag folders, or one tag folder.
   ``deepspeed.utils.zero_to_fp32`` reassembles the fp32 master weights from the partitions.
 
-Composer's ``latest-rank0.pt`` symlink works for both Composer formats. Whatever wraps the DiT (the Composer
+Composer's ``latest-rank0.pt`` symlink works for both Composer formats, and so does the save folder holding it. Whatever wraps the DiT (the Composer
 model's ``model.`` attribute, DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, activation checkpointing)
 is stripped from the key names so the result loads into a bare ``DiT``.
 """
@@ -48,12 +48,22 @@ def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {keys[k]: v for k, v in state.items()}
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    """``composer``, ``composer_sharded`` or ``deepspeed``; a clear error for anything else."""
+COMPOSER_LATEST = "latest-rank0.pt"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A Composer save folder stands for its newest checkpoint (the ``latest-rank0.pt`` link inside it)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    resolved = path.resolve()
+    if path.is_dir() and (path / COMPOSER_LATEST).exists():
+        path = path / COMPOSER_LATEST
+    return path.resolve()
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """``composer``, ``composer_sharded`` or ``deepspeed``; a clear error for anything else."""
+    resolved = resolve_checkpoint(path)
     if resolved.is_file():
         return "composer"
     if (resolved / ".metadata").is_file():
@@ -103,7 +113,7 @@ def _read_deepspeed(path: Path) -> dict[str, Tensor]:
 def read_model_state(path: str | Path) -> dict[str, Tensor]:
     """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind."""
     kind = checkpoint_kind(path)
-    resolved = Path(path).resolve()
+    resolved = resolve_checkpoint(path)
     reader = {"composer": _read_composer, "composer_sharded": _read_composer_sharded, "deepspeed": _read_deepspeed}
     state = strip_wrappers(reader[kind](resolved))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
