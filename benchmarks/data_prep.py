@@ -89,6 +89,8 @@ def main() -> None:
 
     from ddsc.data.demo_data import synthetic_shard
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         inputs = root / "two.inputs"
