@@ -16,8 +16,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# The main job on the bundled demo data: Tahoe-format demo data -> MDS -> train -> HF export -> evaluate.
+# Each step is resumable (the converter skips finished inputs, training autoresumes from its checkpoints).
 demo: $(STAMP)
-	DEMO_DIR=$(DEMO_DIR) PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
+	$(BIN)/python data_prep/make_demo_data.py --out $(DEMO_DIR)/tahoe --cells 4000
+	$(BIN)/python data_prep/tahoe_to_mds.py --input $(DEMO_DIR)/tahoe/data \
+		--gene-metadata $(DEMO_DIR)/tahoe/gene_metadata.parquet \
+		--sample-metadata $(DEMO_DIR)/tahoe/sample_metadata.parquet \
+		--out $(DEMO_DIR)/mds --valid-fraction 0.1
+	PATH=$(abspath $(BIN)):$$PATH composer -n 1 launch/train.py yamls/demo_cpu.yaml \
+		data.streams.demo.remote=$(DEMO_DIR)/mds trainer.save_folder=$(DEMO_DIR)/checkpoints
+	$(BIN)/ddsc export --checkpoint $(DEMO_DIR)/checkpoints --out $(DEMO_DIR)/hf
+	$(BIN)/ddsc evaluate --model $(DEMO_DIR)/hf --data $(DEMO_DIR)/mds --out $(DEMO_DIR)/report \
+		--max-cells 400 --generate-cells 128 --steps 16 --truth-control-cells 4
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

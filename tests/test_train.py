@@ -132,3 +132,5 @@ def test_incompatible_resume_and_typos_stop_before_training(run_dir, capsys):
     assert "did you mean 'n_layers'" in capsys.readouterr().err
     assert main([str(config), "data.streams.synth.remote=/nonexistent"]) == 2
     assert "data.streams.synth: no MDS split 'train'" in capsys.readouterr().err
+    assert main([str(config), f"trainer.save_folder={tmp / 'small_vocab'}", "model.gene_vocab_size=50"]) == 2
+    assert "model.gene_vocab_size=50 is smaller than the gene vocabulary" in capsys.readouterr().err

@@ -142,6 +142,25 @@ def build_preview(config: RunConfig, eval_loader):
     )
 
 
+def check_gene_vocab(config: RunConfig) -> None:
+    """The gene embedding must cover every token id of the data's vocabulary, or training would fail with an
+    index error at the first cell holding a gene beyond it (checked when the vocabulary file is local)."""
+    from ddsc.data.vocab import GeneVocab
+
+    try:
+        path = vocab_path(config)
+    except ConfigError:  # remote data without data.vocab: nothing local to check
+        return
+    if is_remote(path) or not Path(path).is_file():
+        return
+    needed = len(GeneVocab.from_json(path))
+    if needed > config.model.gene_vocab_size:
+        raise ConfigError(
+            f"model.gene_vocab_size={config.model.gene_vocab_size} is smaller than the gene vocabulary {path} "
+            f"(token ids up to {needed - 1}): set model.gene_vocab_size={needed}"
+        )
+
+
 def check_data(config: RunConfig) -> None:
     """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists."""
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
@@ -154,6 +173,7 @@ def check_data(config: RunConfig) -> None:
 
         check_deepspeed(config)
     resolved = resolve_run_config(config)
+    check_gene_vocab(config)
     if config.trainer.preview_interval and not config.data.eval_split:
         raise ConfigError("trainer.preview_interval: the sampling preview needs data.eval_split (held-out cells)")
     if config.trainer.hf_export_interval:
