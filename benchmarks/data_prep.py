@@ -6,7 +6,10 @@ On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 
   3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
      flat), against the RSS of a process that only imports the converter;
   4. the same 1-worker ratio for each of `--compressions` (what the shard compression costs: zstd level 3,
-     Streaming's default and ours, against level 1 and none).
+     Streaming's default and ours, against level 1 and none), and the rate of zstd alone re-compressing the
+     train shards the 1-worker run wrote: the codec's own bound on the ratio of item 1. Compression runs on
+     a background thread of the worker (ddsc/data/mds_shards.py), so item 1 approaches that bound when the
+     worker has a second core, and the CPU-time ratio (all threads) shows the cost per core.
 Each measurement runs in a fresh process; peak RSS is that process's VmHWM, and its CPU seconds (all threads)
 are reported beside the wall time (the CPU-time ratio is steadier than wall time when other jobs share the
 cores; the target is on wall time). The plain read is single-threaded (use_threads=False) like a worker, and
@@ -35,6 +38,15 @@ from ddsc.data.tahoe import convert_tahoe
 start, cpu = time.perf_counter(), time.process_time()
 if mode == "read":
     cells = sum(b.num_rows for b in pq.ParquetFile(inputs).iter_batches(batch_size=1024, use_threads=False))
+elif mode == "compress":  # the codec alone: re-compress the shards a conversion wrote (decompressed untimed)
+    import json as js, pathlib
+    from streaming.base.compression import compress, decompress
+    shards = [s for s in js.loads((pathlib.Path(out) / "index.json").read_text())["shards"] if s["zip_data"]]
+    raws = [decompress(compression, (pathlib.Path(out) / s["zip_data"]["basename"]).read_bytes()) for s in shards]
+    cells = sum(s["samples"] for s in shards)
+    start, cpu = time.perf_counter(), time.process_time()
+    for raw in raws:
+        compress(compression, raw)
 elif mode != "import":
     options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode), compression=compression)
     cells = convert_tahoe(inputs, genes, out, options=options)["cells_out"]
@@ -118,6 +130,7 @@ def main() -> None:
         serial = run_child("1", root / "two", inputs, genes)
         parallel = run_child("2", root / "two2", inputs, genes)
         large = run_child("1", root / "big", big, genes)
+        codec = run_child("compress", root / "one" / "train", shard, genes)
         extra = {
             c: run_child("1", root / f"c{i}", shard, genes, c)
             for i, c in enumerate(filter(None, args.compressions.split(",")))
@@ -134,6 +147,7 @@ def main() -> None:
         "ratio_convert_vs_pyarrow_read": round(rate(one) / rate(read), 3),
         "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_rate(one) / cpu_rate(read_cpu), 3),
         "convert_cpu_s_per_wall_s": round(one["cpu_seconds"] / one["seconds"], 2),
+        "ratio_zstd_compression_alone_vs_pyarrow_read": round(rate(codec) / rate(read), 3),
         **{f"ratio_convert_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in extra.items()},
         "scaling_1_to_2_workers": round(rate(parallel) / rate(serial), 3),
         "cpu_count": os.cpu_count(),

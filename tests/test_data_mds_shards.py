@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_prep_helpers import read_split
 from streaming import MDSWriter
-from streaming.base.compression import decompress
+from streaming.base.compression import compress, decompress
 
 from ddsc.data.cells import CellBatch, validate
 from ddsc.data.mds_shards import MDSShardWriter, Ragged
@@ -114,6 +114,26 @@ def test_bad_batches_are_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="invalid compression"):
         MDSShardWriter(tmp_path / "y", MDS_COLUMNS, "zstd:99", None)
     assert not (tmp_path / "index.json").exists()  # nothing finished, nothing indexed
+
+
+def test_background_write_error_surfaces_and_nothing_is_indexed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Shards are compressed and written on the writer's thread: a failure there (here the third shard's)
+    must reach the caller, and the folder must get no index."""
+    import ddsc.data.mds_shards as mds_shards
+
+    calls = []
+
+    def failing_compress(codec: str, data: bytes) -> bytes:
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        return compress(codec, data)
+
+    monkeypatch.setattr(mds_shards, "compress", failing_compress)
+    with pytest.raises(OSError, match="No space left"):
+        _write_bulk(tmp_path, _cells(200, seed=2), "zstd", 1 << 14, 10)
+    assert len(calls) == 3  # the failing shard stopped the writer: no later shard was compressed
+    assert not (tmp_path / "index.json").exists()
 
 
 def _validate(genes: list[list[int]], values: list[list[float]]) -> CellBatch:

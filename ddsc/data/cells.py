@@ -91,11 +91,9 @@ def _clean(
     """
     if not len(genes) or codes.any() or np.diff(offsets).min() <= 0:
         return None
-    if genes.min() < 0 or genes.max() >= len(known):
-        return None
+    if genes.min() < 0 or genes.max() >= len(known) or not known[genes].all():  # index before the int32 cast:
+        return None  # numpy would cast int32 indices back to int64 for the look-up
     genes = genes.astype(np.int32, copy=False)
-    if not known[genes].all():
-        return None
     increasing = genes[1:] > genes[:-1]
     increasing[offsets[1:-1] - 1] = True  # a cell's first gene may be smaller than the previous cell's last
     if not increasing.all():
@@ -103,7 +101,9 @@ def _clean(
     if values.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
             counts = values.astype(np.int32)
-        if not np.equal(counts, values).all():  # compared in float64: exact for both, no full-size temporary
+        # Compared in the values' own float type, not numpy's int32 x float32 -> float64 promotion (slower):
+        # exact, since an integral value below 2**31 survives both casts and anything else changes.
+        if not np.equal(counts.astype(values.dtype), values).all():
             return None
     elif values.dtype.kind in "iu" and values.max() < INT32_LIMIT:
         counts = values.astype(np.int32, copy=False)

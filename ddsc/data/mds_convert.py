@@ -26,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -114,18 +115,20 @@ def convert_part(source: CellSource, path: str, out: Path, options: WriteOptions
     stats = PartStats(input=path)
     writers: dict[int, MDSShardWriter] = {}
     try:
-        _report(-source.count_cells(path))
-        for batch in source.batches(path):
-            split = assign_splits(batch, options.split)
-            stats.add(batch, split)
-            for s in np.unique(split).tolist():
-                if s not in writers:
-                    tmp = out / SPLITS[s] / f"{name}.tmp"
-                    writers[s] = MDSShardWriter(tmp, MDS_COLUMNS, options.compression, options.shard_size)
-                writers[s].write_batch(_columns(batch, np.flatnonzero(split == s)))
-            _report(batch.cells_in)
-        for writer in writers.values():
-            writer.finish()
+        with ExitStack() as stack:  # stops the writers' background threads on any error
+            _report(-source.count_cells(path))
+            for batch in source.batches(path):
+                split = assign_splits(batch, options.split)
+                stats.add(batch, split)
+                for s in np.unique(split).tolist():
+                    if s not in writers:
+                        tmp = out / SPLITS[s] / f"{name}.tmp"
+                        writer = MDSShardWriter(tmp, MDS_COLUMNS, options.compression, options.shard_size)
+                        writers[s] = stack.enter_context(writer)
+                    writers[s].write_batch(_columns(batch, np.flatnonzero(split == s)))
+                _report(batch.cells_in)
+            for writer in writers.values():
+                writer.finish()
     except Exception as err:
         raise ConversionError(f"{path}: {err}") from err
     for s in sorted(writers):

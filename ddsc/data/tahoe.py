@@ -175,8 +175,6 @@ class TahoeSource:
         has_marker[nonempty] = (genes[first] == GENE_CLS) & (values[first] == MARKER_EXPRESSION)
         mark(codes, ~has_marker, "bad_marker")
         # Strip the marker: drop the first entry of every row (rows without one are rejected anyway).
-        body = np.ones(len(genes), dtype=bool)
-        body[first] = False
         body_offsets = offsets - np.concatenate([[0], np.cumsum(nonempty)])
         metadata = {col: _strings(batch.column(tahoe)) for col, tahoe in TAHOE_METADATA.items()}
         doses = [self.sample_doses.get(s, ("", "")) for s in metadata["sample"]]
@@ -185,7 +183,9 @@ class TahoeSource:
         metadata["source"] = [source] * n
         cell_ids = [f"{stem}:{first_row + i}" for i in range(n)]
         assert set(metadata) == set(METADATA_COLUMNS)
-        return validate(genes[body], values[body], body_offsets, self.known_genes, codes, cell_ids, metadata)
+        return validate(
+            np.delete(genes, first), np.delete(values, first), body_offsets, self.known_genes, codes, cell_ids, metadata
+        )
 
 
 def convert_tahoe(
