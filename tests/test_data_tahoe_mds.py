@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,29 @@ def test_settings_change_refuses_to_resume(demo, tmp_path):
         _convert(demo, tmp_path / "mds", valid_fraction=0.3)
 
 
-def test_fsspec_url_input_reads_the_same_cells(demo, tmp_path):
+def _to_memory_fs(demo: Path) -> str:
+    """Copy the demo dataset into fsspec's in-memory filesystem (a non-local backend: no ``file`` shortcut,
+    and forked workers inherit its store); returns its root URL."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in demo.rglob("*.parquet"):
+        fs.pipe(f"/demo/{path.relative_to(demo)}", path.read_bytes())
+    return "memory:///demo"
+
+
+@pytest.mark.parametrize("backend", ["file-glob", "memory-dir-2-workers"])
+def test_fsspec_url_input_reads_the_same_cells(demo, tmp_path, backend):
     options = WriteOptions(split=SplitSpec(valid_fraction=0.2), shard_size=1 << 16)
-    convert_tahoe(
-        f"file://{demo / 'data'}/*.parquet",
-        f"file://{demo / 'gene_metadata.parquet'}",
-        str(tmp_path / "url"),
-        f"file://{demo / 'sample_metadata.parquet'}",
-        options,
+    if backend == "file-glob":
+        root, data = f"file://{demo}", f"file://{demo / 'data'}/*.parquet"
+    else:
+        root = _to_memory_fs(demo)
+        data, options = f"{root}/data", replace(options, workers=2)
+    summary = convert_tahoe(
+        data, f"{root}/gene_metadata.parquet", str(tmp_path / "url"), f"{root}/sample_metadata.parquet", options
     )
+    assert summary["inputs"] == len(list((demo / "data").glob("*.parquet")))
     _convert(demo, tmp_path / "local")
     url, local = read_all(tmp_path / "url"), read_all(tmp_path / "local")
     for cell in [*url.values(), *local.values()]:

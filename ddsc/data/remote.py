@@ -1,8 +1,9 @@
 """Input locations: local paths, directories, globs, and fsspec URLs (``hf://``, ``s3://``, ``gs://``, ...).
 
 A thin layer so converters read object storage the same way they read local disk: everything downstream
-takes a file object. Remote protocols need their fsspec backend installed (``huggingface_hub``, ``s3fs``, ...);
-only ``file://`` can be tested offline, and it goes through the same code path.
+takes a file object. Remote protocols need their fsspec backend installed (``huggingface_hub``, ``s3fs``, ...).
+Offline, the tests run ``file://`` and fsspec's in-memory filesystem (``memory://``, a non-local backend,
+with forked workers) through this same code path.
 """
 
 from __future__ import annotations
