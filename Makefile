@@ -28,7 +28,7 @@ demo: $(STAMP)
 		data.streams.demo.remote=$(DEMO_DIR)/mds trainer.save_folder=$(DEMO_DIR)/checkpoints
 	$(BIN)/ddsc export --checkpoint $(DEMO_DIR)/checkpoints --out $(DEMO_DIR)/hf
 	$(BIN)/ddsc evaluate --model $(DEMO_DIR)/hf --data $(DEMO_DIR)/mds --out $(DEMO_DIR)/report \
-		--max-cells 400 --generate-cells 128 --steps 16 --truth-control-cells 4
+		--max-cells 400 --generate-cells 128 --steps 16
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

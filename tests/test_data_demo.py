@@ -11,7 +11,17 @@ import pyarrow.parquet as pq
 from ddsc.data.demo_data import CONTROL, DemoSpec, make_demo_data
 from ddsc.data.tahoe import REQUIRED_COLUMNS
 
-SPEC = DemoSpec(cells=3000, genes=200, cell_lines=2, drugs=2, shards=2, programs=6, genes_per_program=30, seed=1)
+SPEC = DemoSpec(
+    cells=3000,
+    genes=200,
+    cell_lines=2,
+    drugs=2,
+    shards=2,
+    programs=6,
+    genes_per_program=30,
+    programs_per_drug=3,
+    seed=1,
+)
 
 
 def test_layout_and_ground_truth(tmp_path):
@@ -35,6 +45,19 @@ def test_layout_and_ground_truth(tmp_path):
     # drug effects grow with dose, gene by gene
     assert np.all(np.abs(effect[:, 1:, 1:]) >= np.abs(effect[:, 1:, :-1]) - 1e-6)
     assert np.abs(effect[:, 1:, -1]).max() > 0.5
+    # every drug moves exactly programs_per_drug programs, by the spec's ranges, and the saved effect is
+    # sensitivity * Hill(dose) * (drug programs @ membership), recomputed here from the saved terms
+    programs = truth["drug_program"][1:]
+    assert np.all((programs != 0).sum(axis=1) == SPEC.programs_per_drug)
+    moved = np.abs(programs[programs != 0])
+    assert moved.min() >= SPEC.drug_effect[0] and moved.max() <= SPEC.drug_effect[1]
+    assert np.all(truth["member"].sum(axis=1) == SPEC.genes_per_program)
+    sens, ec50 = truth["sensitivity"][:, 1:], truth["ec50"][1:]
+    assert sens.min() >= SPEC.sensitivity[0] and sens.max() <= SPEC.sensitivity[1]
+    assert ec50.min() >= SPEC.ec50[0] and ec50.max() <= SPEC.ec50[1]
+    hill = truth["doses"][None, :] / (truth["doses"][None, :] + ec50[:, None])
+    want = sens[:, :, None, None] * hill[None, :, :, None] * (programs @ truth["member"])[None, :, None, :]
+    np.testing.assert_allclose(effect[:, 1:], want, rtol=1e-5, atol=1e-6)
 
     rows = table.select(["genes", "expressions", "drug", "sample", "cell_line_id"]).to_pylist()
     doses = [float(d) for d in conditions["axes"]["dose"]]

@@ -1,5 +1,7 @@
-"""Known drug effects: the demo's saved ground truth is found and read, and a denoiser that knows (or inverts)
-the effect scores delta Pearson +1 (or -1) against it; the real treated cells score +1 as the reference."""
+"""Known drug effects: the demo's saved ground truth is found and read; a denoiser that knows (or inverts)
+the effect scores delta Pearson +1 (or -1) against it, the real treated cells +1 as the reference; the
+expected-bin estimator returns a hand-computed value; and an oracle that knows the demo's true expression
+profiles scores like a large real-data reference."""
 
 from __future__ import annotations
 
@@ -7,18 +9,23 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
+from ddsc.data.binning import bin_counts
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator
-from ddsc.data.demo_data import DemoSpec, make_demo_data
+from ddsc.data.demo_data import CONTROL, DemoSpec, draw_counts, make_demo_data
 from ddsc.data.labels import LabelVocab
+from ddsc.data.tahoe import parse_drugname_drugconc
+from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.masked_diffusion import MaskedDiffusion
+from ddsc.eval.cells import collate_cells, fresh_collator
 from ddsc.eval.evaluate import evaluate
-from ddsc.eval.ground_truth import DrugEffects, find_ground_truth
+from ddsc.eval.ground_truth import DrugEffects, expected_bins, find_ground_truth, ground_truth_eval, split_into_panels
 from ddsc.eval.report import write_report
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -124,22 +131,25 @@ def test_generated_effect_against_ground_truth(tmp_path, direction):
     )
     known = metrics["ground_truth"]
     assert known["control_cells"] == 8 and known["panels"] == 8 * 3  # 40 genes -> chunks of <= 16
-    gen, ref = known["generated"], known["reference"]
-    assert sorted(gen["groups"]) == ["L1|d1|1", "L2|d1|1"] and gen["num_groups"] == ref["num_groups"] == 2
-    for group in gen["groups"].values():
-        assert group["delta_pearson"] == pytest.approx(direction)
-        assert group["num_genes"] == 40 and group["num_strong_genes"] == 20
-        assert group["sign_agreement_strong"] == (1.0 if direction == 1 else 0.0)
-    assert gen["mean_delta_pearson"] == pytest.approx(direction) and gen["by_dose"] == {"1": pytest.approx(direction)}
+    ref = known["reference"]
+    assert known["sampled_control_cells"] == 8 and known["sampled_panels"] == 24  # 4 per line: all of them
+    for gen in (known["expected"], known["generated"]):  # a one-hot oracle: expected and sampled bins agree
+        assert sorted(gen["groups"]) == ["L1|d1|1", "L2|d1|1"] and gen["num_groups"] == ref["num_groups"] == 2
+        for group in gen["groups"].values():
+            assert group["delta_pearson"] == pytest.approx(direction)
+            assert group["num_genes"] == 40 and group["num_strong_genes"] == 20
+            assert group["sign_agreement_strong"] == (1.0 if direction == 1 else 0.0)
+        assert gen["mean_delta_pearson"] == pytest.approx(direction)
+        assert gen["by_dose"] == {"1": pytest.approx(direction)}
     assert ref["mean_delta_pearson"] == pytest.approx(1.0)  # real d1 cells vs real controls
-    # scatter arrays: per group the true effect and the generated bin delta on the same 40 genes
+    # scatter arrays: per group the true effect and the expected-bin delta on the same 40 genes
     np.testing.assert_allclose(np.sign(arrays.truth_generated), direction * np.sign(arrays.truth_effect))
     assert arrays.truth_effect.shape == (80,)
 
     write_report(tmp_path / "report", metrics, arrays)
     page = (tmp_path / "report" / "summary.md").read_text()
     assert "## Known drug effects" in page and "](ground_truth_scatter.png)" in page
-    assert f"| mean delta Pearson | {direction:.4f} | 1.0000 |" in page
+    assert f"| mean delta Pearson | {direction:.4f} | {direction:.4f} | 1.0000 |" in page
 
 
 def test_model_without_drug_condition_is_reported_as_skipped(tmp_path):
@@ -153,3 +163,134 @@ def test_model_without_drug_condition_is_reported_as_skipped(tmp_path):
     samples = _samples(per_group=2)
     metrics, _ = evaluate(oracle, collator, MaskedDiffusion(DiffusionConfig(), K), samples, samples, settings)
     assert metrics["ground_truth"]["skipped"].startswith("the model has no drug condition")
+
+
+class SoftDrugModel(nn.Module):
+    """Known bin distributions: bin 2 for every gene, except under d1 UP genes (bins 2 / 3 at 1/2 each:
+    mean 2.5) and DOWN genes (bins 1 / 2 at 1/4, 3/4: mean 1.75). Refuses input that is not fully masked."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"num_bins": K, "time_conditioning": False})()
+        probs = torch.zeros(3, 64, K)  # drug id 0 null, 1 DMSO_TF, 2 d1
+        probs[:, :, 2] = 1.0
+        probs[2, UP] = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0])
+        probs[2, DOWN] = torch.tensor([0.0, 0.25, 0.75, 0.0, 0.0])
+        self.register_buffer("log_probs", probs.clamp(min=1e-30).log())
+
+    def forward(self, gene_ids, expr, attention_mask, cond=None, t=None):
+        real = gene_ids >= 3
+        assert torch.all(expr[real] == ExpressionTokens(K).mask) and torch.all(t == 1.0)
+        return self.log_probs[cond[:, -1][:, None], gene_ids]
+
+
+def test_expected_bins_is_the_models_conditional_mean(tmp_path):
+    collator = CellCollator(max_length=16, binning=BINNING, labels=LABELS, conditions=CONDITIONS)
+    samples = _samples(per_group=3)
+    controls = collate_cells(fresh_collator(collator, 0, max_length=1 << 20), samples[:3])
+    panels = split_into_panels(controls, 16, seed=0)
+    cond = panels.cond.copy()
+    cond[:, -1] = LABELS.encode("drug", ["d1"])[0]
+    got = expected_bins(SoftDrugModel(), panels, cond, ExpressionTokens(K), SamplerSettings(batch_size=5))
+    for genes, mean in zip(panels.genes, got, strict=True):
+        want = np.where(np.isin(genes, UP), 2.5, np.where(np.isin(genes, DOWN), 1.75, 2.0))
+        np.testing.assert_allclose(mean, want, atol=1e-9)
+
+    truth = DrugEffects.load(_truth_folder(tmp_path))
+    metrics, true, delta = ground_truth_eval(
+        SoftDrugModel(), collator, _samples(per_group=6), truth, SamplerSettings(batch_size=8), sampled_control_cells=0
+    )
+    # per gene: delta +0.5 (UP), -0.25 (DOWN), 0 (rest) against effects +s, -s, 0 (s = 1, 2 by cell line)
+    want_delta = np.where(np.isin(GENES, UP), 0.5, np.where(np.isin(GENES, DOWN), -0.25, 0.0))
+    want = np.corrcoef(want_delta, np.where(np.isin(GENES, UP), 1.0, np.where(np.isin(GENES, DOWN), -1.0, 0.0)))[0, 1]
+    expected = metrics["expected"]
+    # by hand: cov = (10 * 0.5 + 10 * 0.25) / 40, var(delta) = 3.125 / 40 - 0.0625^2, var(effect) = 0.5
+    assert want == pytest.approx(0.1875 / np.sqrt((3.125 / 40 - 0.0625**2) * 0.5))
+    assert expected["mean_delta_pearson"] == pytest.approx(want, abs=1e-6)
+    assert expected["mean_sign_agreement_strong"] == 1.0 and metrics["generated"]["num_groups"] == 0
+    np.testing.assert_allclose(np.sort(delta), np.sort(np.tile(want_delta, 2)), atol=1e-9)
+    assert true.shape == (80,)
+
+
+# ---------------------------------------------------------------- an oracle of the demo's true profiles
+
+ORACLE_BINS = BinningConfig(method="quantile", num_bins=11)
+K_ORACLE = ORACLE_BINS.num_bins
+ORACLE_SPEC = DemoSpec(
+    cells=2400,
+    genes=300,
+    cell_lines=2,
+    drugs=2,
+    plates=1,
+    shards=1,
+    programs=8,
+    genes_per_program=30,
+    programs_per_drug=2,
+    seed=3,
+)
+
+
+def _demo_samples(root: Path) -> list[dict]:
+    """MDS-style samples straight from the demo's Tahoe shards (markers stripped, dose from sample metadata)."""
+    doses = {
+        r["sample"]: parse_drugname_drugconc(r["drugname_drugconc"])[1]
+        for r in pq.read_table(root / "sample_metadata.parquet").to_pylist()
+    }
+    rows = pq.read_table(sorted((root / "data").glob("*.parquet"))).to_pylist()
+    return [
+        {
+            "cell_id": f"cell{i}",
+            "genes": np.asarray(r["genes"][1:], np.int32),
+            "counts": np.asarray(r["expressions"][1:], np.int32),
+            "cell_line_id": r["cell_line_id"],
+            "drug": r["drug"],
+            "dose": doses[r["sample"]],
+        }
+        for i, r in enumerate(rows)
+    ]
+
+
+class ProfileOracle(nn.Module):
+    """Knows the true expected profile of every (cell line, drug, dose): its bin distribution of a gene is the
+    histogram of that gene's quantile bin (given it is expressed) in many cells drawn from that profile."""
+
+    def __init__(self, root: Path, labels: LabelVocab, cells: int = 1500):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"num_bins": ORACLE_BINS.num_bins, "time_conditioning": False})()
+        truth = DrugEffects.load(root / "ground_truth")
+        profile = np.load(root / "ground_truth" / "effects.npz")["expected_profile"].astype(np.float64)
+        rng = np.random.default_rng(0)
+        ids = {c: len(labels.labels[c]) + 1 for c in CONDITIONS}
+        table = torch.zeros(ids["cell_line_id"], ids["dose"], ids["drug"], truth.gene_ids.max() + 1, K_ORACLE)
+        for li, line in enumerate(truth.cell_lines):
+            for di, drug in enumerate(truth.drugs):
+                for ci, dose in enumerate(["0"] if drug == CONTROL else truth.doses):
+                    counts = torch.from_numpy(draw_counts(ORACLE_SPEC, np.tile(profile[li, di, ci], (cells, 1)), rng))
+                    bins = bin_counts(counts, counts > 0, ORACLE_BINS)
+                    hist = torch.stack([((bins == b) & (counts > 0)).sum(0) for b in range(K_ORACLE)], -1) + 0.01
+                    index = [labels.encode(c, [v])[0] for c, v in zip(CONDITIONS, (line, dose, drug), strict=True)]
+                    table[index[0], index[1], index[2], truth.gene_ids] = hist.float()
+        self.register_buffer("log_table", (table + 1e-3).log())
+
+    def forward(self, gene_ids, expr, attention_mask, cond=None, t=None):
+        return self.log_table[cond[:, 0, None], cond[:, 1, None], cond[:, 2, None], gene_ids]
+
+
+def test_oracle_of_the_true_profiles_scores_like_the_real_data(tmp_path):
+    make_demo_data(tmp_path, ORACLE_SPEC)
+    samples = _demo_samples(tmp_path)
+    labels = LabelVocab({c: sorted({s[c] for s in samples}) for c in CONDITIONS})
+    collator = CellCollator(max_length=64, binning=ORACLE_BINS, labels=labels, conditions=CONDITIONS)
+    truth = DrugEffects.load(tmp_path / "ground_truth")
+    settings = SamplerSettings(batch_size=64)
+    metrics, _, _ = ground_truth_eval(
+        ProfileOracle(tmp_path, labels), collator, samples, truth, settings, sampled_control_cells=0
+    )
+    oracle, real = metrics["expected"], metrics["reference"]  # reference: all 2400 real cells (~130 per group)
+    assert oracle["num_groups"] == real["num_groups"] == 2 * 2 * 3
+    top = truth.doses[-1]
+    assert real["by_dose"][top] > 0.6 and oracle["by_dose"][top] > 0.6
+    # where effects are large the ~130 real cells per group measure the same thing as the oracle's profiles ...
+    assert abs(oracle["by_dose"][top] - real["by_dose"][top]) < 0.08
+    # ... and at every dose the noise-free oracle scores at least as high as the finite real data
+    assert all(oracle["by_dose"][d] > real["by_dose"][d] - 0.02 for d in truth.doses)

@@ -13,6 +13,16 @@ with dose (a Hill curve), DMSO_TF controls (effect 0) and log-normal library siz
 stores every term plus the exact expected expression profile per (cell line, drug, dose), so generated
 cells can later be compared with the truth.
 
+The drug effects are sized so that a small model can learn them from a few thousand cells and the check is
+not drowned in noise, while staying plausible: each drug moves ``programs_per_drug`` programs of
+``genes_per_program`` genes (by default about a fifth of all genes at the top dose, like a strong compound at
+5 uM; a model sees random 128-gene panels, so each panel holds a couple of dozen moved genes), by 1-2 nats
+times a per-line sensitivity of 0.5-1.2 (mostly a few-fold), with EC50s of 0.05-0.5 uM so that Tahoe's
+lowest dose (0.05 uM) already has a visible effect. Cells have ~6000 UMIs and UMI-like dispersion (theta 10):
+at 2000 UMIs and theta 4 most expressed genes had 1-2 counts, their per-cell quantile bins were mostly ties
+and noise, and knowing the drug lowered the per-token cross-entropy by only ~0.01 nats (against ~0.05 for the
+cell line), too little for a demo-sized run to pick up; here it is ~0.06 nats.
+
 Files written under ``out``::
 
     data/train-NNNNN-of-MMMMM.parquet   genes list<int64> / expressions list<float32> with the <cls> marker
@@ -49,9 +59,13 @@ class DemoSpec:
     plates: int = 2
     control_wells_per_plate: int = 3
     programs: int = 24
-    genes_per_program: int = 40
-    mean_library: float = 2000.0
-    theta: float = 4.0  # NB dispersion: variance = mean + mean^2 / theta
+    genes_per_program: int = 100
+    programs_per_drug: int = 4
+    drug_effect: tuple[float, float] = (1.0, 2.0)  # |effect| of a drug on a program at saturation (nats)
+    sensitivity: tuple[float, float] = (0.5, 1.2)  # per (cell line, drug) multiplier of the drug effect
+    ec50: tuple[float, float] = (0.05, 0.5)  # log-uniform range of the Hill curve's half-effect dose (uM)
+    mean_library: float = 6000.0
+    theta: float = 10.0  # NB dispersion: variance = mean + mean^2 / theta
     shards: int = 4
     row_group_size: int = 500
     seed: int = 0
@@ -90,10 +104,11 @@ def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
         rng.random((spec.cell_lines, spec.programs)) < 0.3
     )
     drug_program = np.zeros((n_drugs, spec.programs))
-    for d in range(1, n_drugs):  # each drug moves two programs, up or down, by 1-2.5 nats at saturation
-        targets = rng.choice(spec.programs, 2, replace=False)
-        drug_program[d, targets] = rng.choice([-1.0, 1.0], 2) * rng.uniform(1.0, 2.5, 2)
-    sensitivity = rng.uniform(0.3, 1.2, (spec.cell_lines, n_drugs))
+    for d in range(1, n_drugs):  # each drug moves a few programs, up or down
+        k = spec.programs_per_drug
+        targets = rng.choice(spec.programs, k, replace=False)
+        drug_program[d, targets] = rng.choice([-1.0, 1.0], k) * rng.uniform(*spec.drug_effect, k)
+    sensitivity = rng.uniform(*spec.sensitivity, (spec.cell_lines, n_drugs))
     sensitivity[:, 0] = 0.0
     return GroundTruth(
         base=rng.normal(0.0, 1.5, spec.genes),
@@ -101,9 +116,17 @@ def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
         line_effect=line_program @ member,
         drug_program=drug_program,
         sensitivity=sensitivity,
-        ec50=np.exp(rng.uniform(np.log(0.1), np.log(1.0), n_drugs)),
+        ec50=np.exp(rng.uniform(*np.log(spec.ec50), n_drugs)),
         doses=np.asarray(spec.doses, dtype=np.float64),
     )
+
+
+def draw_counts(spec: DemoSpec, profile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Counts [n, G] of cells with expected profiles ``profile`` [n, G]: log-normal library sizes and
+    negative-binomial noise (a gamma-Poisson mixture) around ``library * profile``."""
+    library = rng.lognormal(np.log(spec.mean_library), 0.4, len(profile))
+    mean = library[:, None] * profile
+    return rng.poisson(rng.gamma(spec.theta, mean / spec.theta))
 
 
 def write_tahoe_shard(
@@ -212,9 +235,7 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
         line = rng.integers(spec.cell_lines, size=n)
         d = np.array([wells[w]["drug_index"] for w in well])
         c = np.array([max(wells[w]["dose_index"], 0) for w in well])  # DMSO: effect is 0 at every dose index
-        library = rng.lognormal(np.log(spec.mean_library), 0.4, n)
-        mean = library[:, None] * profile[line, d, c]
-        counts = rng.poisson(rng.gamma(spec.theta, mean / spec.theta))
+        counts = draw_counts(spec, profile[line, d, c], rng)
         offsets, genes, values = _with_markers(counts, token_ids)
         cells = np.arange(bounds[shard], bounds[shard + 1])
         columns = {

@@ -6,19 +6,27 @@ line (``conditions.json`` names the axes). This module asks whether the model le
 
 Protocol (paired, so that only the labels differ). The control cells of each cell line in the evaluation
 split are collated whole (quantile bins over the whole cell, as in training) and cut into random chunks of
-at most the model's training length: the *panels*. Every panel is generated from scratch once with its own
-control labels and once per (drug, dose) with that drug and dose. The generated delta of gene g is the mean
-over the panels holding g of (bin under the drug - bin under DMSO_TF); its Pearson correlation over genes
-with ``effect[line, drug, dose]`` is the figure, per (cell line, drug, dose). Genes seen in fewer than
-``min_obs`` panels are left out (counted). Every pass draws from the same seeded random stream (common random
-numbers): where the labels do not change the model's output the draws, and the delta, are exactly 0, so the
-noise of sampling does not pose as a drug effect. The sign agreement counts such zeros as misses. Bins and log-rates have different units: Pearson ignores the
-scale, and with per-cell quantile bins a gene's bin rises with its log-rate, so a perfect model scores high
-but, because bins are coarse ranks, not exactly 1.
+at most the model's training length: the *panels*. Each panel is scored once with its own control labels and
+once per (drug, dose) with that drug and dose; the delta of gene g is the mean over the panels holding g of
+(bin under the drug - bin under DMSO_TF), and its Pearson correlation over genes with
+``effect[line, drug, dose]`` is the figure, per (cell line, drug, dose) group, averaged overall and per dose.
+Genes seen in fewer than ``min_obs`` panels are left out (counted). Two estimators of the bin:
+
+- ``expected`` (the headline): the model's expected bin with every bin masked at t = 1, i.e. the mean of the
+  per-gene distribution the first generation step samples from: the model's conditional mean, free of
+  sampling noise, so it needs one forward pass per panel and label set and can afford many control cells.
+- ``generated``: bins actually sampled (the configured sampler) on the panels of fewer control cells. Every
+  pass draws from the same seeded random stream (common random numbers): where the labels do not change the
+  model's output the draws, and the delta, are exactly 0. It adds the sampling noise of single cells.
+
+The sign agreement on strongly moved genes counts zero deltas as misses. Bins and log-rates have different
+units: Pearson ignores the scale, and with per-cell quantile bins a gene's bin rises with its log-rate, so a
+perfect model scores high but not 1 (bins are coarse ranks: lowly expressed genes barely move, and renormalising
+a cell shifts every other gene a little).
 
 Reference: the same statistic on the real held-out cells: mean bin of g over the real treated cells of the
 group that express it minus the same over the cell line's real controls. Its value shows how far finite,
-noisy real data get in these units; the generated figure can exceed it (the model pools all training cells).
+noisy real data get in these units; the model can exceed it (it pools all training cells).
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from ddsc.data.collator import CellCollator
 from ddsc.data.tokens import ExpressionTokens
-from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator
+from ddsc.diffusion.samplers import guided_log_probs
+from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches, pack
 from ddsc.eval.generation import generate_bins
 from ddsc.eval.metrics import pearson
 from ddsc.eval.settings import SamplerSettings
@@ -172,6 +183,56 @@ def _treatments(truth: DrugEffects, labels, control: str, by_dose: bool) -> tupl
     return known, len(wanted) - len(known)
 
 
+def expected_bins(
+    model: Callable,
+    panels: EvalCells,
+    cond: np.ndarray,
+    tokens: ExpressionTokens,
+    settings: SamplerSettings,
+    device="cpu",
+) -> list[np.ndarray]:
+    """Per panel, the model's expected bin of every gene with all bins masked at t = 1 under labels ``cond``:
+    the mean of the per-gene distribution that the first generation step draws from (guidance and temperature
+    as in ``settings``), i.e. the model's conditional mean bin, without sampling noise."""
+    out: list[np.ndarray] = [np.zeros(0)] * len(panels)
+    bins = torch.arange(tokens.num_bins, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for rows in length_batches(panels, range(len(panels)), settings.batch_size):
+                batch = {k: v.to(device) for k, v in pack(panels, rows, tokens, cond[rows]).items()}
+                masked = batch["expr"].masked_fill(batch["real"], tokens.mask)
+                t = torch.ones(len(rows), device=device)
+                log_probs, _ = guided_log_probs(model, batch, masked, t, settings.guidance_scale, settings.temperature)
+                mean = (log_probs.exp() @ bins).cpu().numpy()
+                for r, j in enumerate(rows):
+                    out[j] = mean[r, 1 : 1 + len(panels.genes[j])]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class _Groups:
+    """Per-group scores of one estimator, and the (true effect, estimated delta) pairs behind them."""
+
+    scores: dict[str, dict]
+    true: list[np.ndarray]
+    estimated: list[np.ndarray]
+
+    @classmethod
+    def empty(cls) -> _Groups:
+        return cls({}, [], [])
+
+    def add(self, key: str, truth: DrugEffects, genes, delta, counts, effect_row: np.ndarray, min_obs: int) -> None:
+        self.scores[key] = _score(truth, genes, delta, counts, effect_row, min_obs)
+        columns = truth.gene_columns(genes)
+        keep = (counts >= min_obs) & (columns >= 0)
+        self.true.append(effect_row[columns[keep]])
+        self.estimated.append(delta[keep])
+
+
 def ground_truth_eval(
     model: Callable,
     collator: CellCollator,
@@ -179,13 +240,18 @@ def ground_truth_eval(
     truth: DrugEffects,
     settings: SamplerSettings,
     control: str = "DMSO_TF",
-    max_control_cells: int = 32,
+    max_control_cells: int = 16,
+    sampled_control_cells: int = 4,
     min_obs: int = 3,
     device="cpu",
     diffusion_cfg=None,
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
-    """(metrics, true effects, generated deltas, both concatenated over groups); None when the model has no
-    drug condition or the evaluation cells hold no control cell of a ground-truth cell line."""
+    """(metrics, true effects, expected-bin deltas, both concatenated over groups); None when the model has no
+    drug condition or the evaluation cells hold no control cell of a ground-truth cell line.
+
+    ``expected`` scores the model's conditional mean bins (:func:`expected_bins`) on the panels of up to
+    ``max_control_cells`` control cells per cell line; ``generated`` scores sampled cells on the panels of the
+    first ``sampled_control_cells`` of them (0 skips it); ``reference`` scores the real held-out cells."""
     conditions = list(collator.conditions)
     if "drug" not in conditions or collator.labels is None:
         return None
@@ -197,28 +263,34 @@ def ground_truth_eval(
     line, drug = np.asarray(whole.metadata["cell_line_id"]), np.asarray(whole.metadata.get("drug", [""] * len(whole)))
     dose = np.asarray(whole.metadata.get("dose", [""] * len(whole)))
     rng = np.random.default_rng(settings.seed)
-    controls = sorted(
-        i
+    chosen = {
+        ln: rng.permutation(np.flatnonzero((line == ln) & (drug == control)))[:max_control_cells].tolist()
         for ln in truth.cell_lines
-        for i in rng.permutation(np.flatnonzero((line == ln) & (drug == control)))[:max_control_cells].tolist()
-    )
+    }
+    controls = sorted(i for rows in chosen.values() for i in rows)
     if not controls:
         return None
     panels = split_into_panels(whole.subset(controls), collator.max_length, settings.seed)
     panel_line = np.asarray(panels.metadata["cell_line_id"])
+    first = {whole.cell_ids[i] for rows in chosen.values() for i in rows[:sampled_control_cells]}
+    sampled_panels = [j for j, name in enumerate(panels.cell_ids) if name.rsplit("#", 1)[0] in first]
     by_dose = "dose" in conditions
     treatments, skipped = _treatments(truth, labels, control, by_dose)
-    every = list(range(len(panels)))
     common = dict(device=device, diffusion_cfg=diffusion_cfg)
-    generated_control = generate_bins(model, panels, every, tokens, settings, **common)
-    generated, real, true_parts, gen_parts = {}, {}, [], []
-    for d, c in treatments:
+    expected_control = expected_bins(model, panels, panels.cond, tokens, settings, device)
+    sampled_control = generate_bins(model, panels, sampled_panels, tokens, settings, **common)
+    expected, sampled, real = _Groups.empty(), _Groups.empty(), _Groups.empty()
+    for d, c in tqdm(treatments, desc="known drug effects", unit="treatment"):
         cond = panels.cond.copy()
         cond[:, conditions.index("drug")] = labels.encode("drug", [d])[0]
         if by_dose:
             cond[:, conditions.index("dose")] = labels.encode("dose", [c])[0]
-        treated = generate_bins(model, panels, every, tokens, settings, cond=cond, **common)
-        diff = [t - b for t, b in zip(treated.bins, generated_control.bins, strict=True)]
+        mean_diff = [
+            a - b
+            for a, b in zip(expected_bins(model, panels, cond, tokens, settings, device), expected_control, strict=True)
+        ]
+        drawn = generate_bins(model, panels, sampled_panels, tokens, settings, cond=cond[sampled_panels], **common)
+        draw_diff = [a - b for a, b in zip(drawn.bins, sampled_control.bins, strict=True)]
         for li, ln in enumerate(truth.cell_lines):
             rows = np.flatnonzero(panel_line == ln).tolist()
             if not rows:
@@ -226,27 +298,29 @@ def ground_truth_eval(
             effect = truth.effect[li, truth.drugs.index(d)]
             effect = effect[truth.doses.index(c)] if by_dose else effect.mean(axis=0)
             key = f"{ln}|{d}|{c}"
-            genes, delta, counts = mean_bin_per_gene(panels, rows, diff)
-            generated[key] = _score(truth, genes, delta, counts, effect, min_obs)
-            keep = (counts >= min_obs) & (truth.gene_columns(genes) >= 0)
-            true_parts.append(effect[truth.gene_columns(genes[keep])])
-            gen_parts.append(delta[keep])
+            expected.add(key, truth, *mean_bin_per_gene(panels, rows, mean_diff), effect, min_obs)
+            drawn_rows = [k for k, j in enumerate(sampled_panels) if panel_line[j] == ln]
+            if drawn_rows:
+                sampled.add(key, truth, *mean_bin_per_gene(sampled_control, drawn_rows, draw_diff), effect, min_obs)
             group = np.flatnonzero((line == ln) & (drug == d) & ((dose == c) if by_dose else True))
             if len(group):
                 in_line = np.flatnonzero((line == ln) & (drug == control))
-                real[key] = _score(truth, *_real_delta(whole, group, in_line), effect, min_obs)
+                real.add(key, truth, *_real_delta(whole, group, in_line), effect, min_obs)
     metrics = {
         "source": truth.source,
-        "generated": _summarise(generated),
-        "reference": _summarise(real),
+        "expected": _summarise(expected.scores),
+        "generated": _summarise(sampled.scores),
+        "reference": _summarise(real.scores),
         "control_cells": len(controls),
         "panels": len(panels),
+        "sampled_control_cells": len(first),
+        "sampled_panels": len(sampled_panels),
         "treatments_without_label": skipped,
         "min_obs": min_obs,
         "sampler": settings.method,
         "steps": settings.steps,
     }
-    return metrics, _concat(true_parts), _concat(gen_parts)
+    return metrics, _concat(expected.true), _concat(expected.estimated)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
