@@ -136,35 +136,50 @@ def test_background_write_error_surfaces_and_nothing_is_indexed(tmp_path: Path, 
     assert not (tmp_path / "index.json").exists()
 
 
-def _validate(genes: list[list[int]], values: list[list[float]]) -> CellBatch:
+def _validate(genes: list[list[int]], values: list[list[float]], lead: int = 0) -> CellBatch:
+    """``validate`` on these cells; with ``lead``, each row first gets that many Tahoe-style markers."""
+    genes = [[1] * lead + g for g in genes]
+    values = [[-2.0] * lead + v for v in values]
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in genes])])
     known = np.zeros(50, dtype=bool)
     known[3:] = True
+    known[10] = False  # a hole in the vocab
     n = len(genes)
     flat_genes = np.array([g for cell in genes for g in cell], dtype=np.int64)
     flat_values = np.array([v for cell in values for v in cell], dtype=np.float32)
     metadata = {col: [f"{col}{i}" for i in range(n)] for col in METADATA_COLUMNS}
     return validate(
-        flat_genes, flat_values, offsets, known, np.zeros(n, np.int8), [f"c{i}" for i in range(n)], metadata
+        flat_genes, flat_values, offsets, known, np.zeros(n, np.int8), [f"c{i}" for i in range(n)], metadata, lead
     )
 
 
-def test_clean_fast_path_equals_per_cell_rules():
+def _kept(batch: CellBatch) -> list[tuple[list[int], list[int]]]:
+    """Each kept cell's (genes, counts), read through the batch's bounds."""
+    assert batch.genes.dtype == batch.counts.dtype == np.int32
+    return [(batch.genes[a:b].tolist(), batch.counts[a:b].tolist()) for a, b in zip(*batch.bounds(), strict=True)]
+
+
+@pytest.mark.parametrize("lead", [0, 1])
+def test_clean_fast_path_equals_per_cell_rules(lead):
     """A clean batch takes the fast path; the same cells beside one bad cell take the per-cell path. The
-    kept cells must come out the same either way."""
+    kept cells must come out the same either way, with or without a marker entry leading each row."""
     clean_genes, clean_values = [[3, 7, 9], [4], [5, 6, 40, 49]], [[1, 2, 3], [7], [1, 1, 2_000_000_000, 5]]
-    fast = _validate(clean_genes, clean_values)
-    slow = _validate([*clean_genes, [8, 8]], [*clean_values, [1, 2]])  # a duplicate gene: per-cell path
+    fast = _validate(clean_genes, clean_values, lead)
+    slow = _validate([*clean_genes, [8, 8]], [*clean_values, [1, 2]], lead)  # a duplicate gene: per-cell path
     assert slow.rejected == {"duplicate_gene": 1} and fast.rejected == {}
     assert fast.cells_in == 3 and slow.cells_in == 4
     assert fast.cell_ids == slow.cell_ids == ["c0", "c1", "c2"]
-    for name in ("offsets", "genes", "counts"):
-        a, b = getattr(fast, name), getattr(slow, name)
-        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    expected = [(g, [int(v) for v in c]) for g, c in zip(clean_genes, clean_values, strict=True)]
+    assert _kept(fast) == _kept(slow) == expected
+    assert fast.lead == lead and slow.lead == 0  # the fast path skips the markers in place, the slow one strips
+    assert fast.counts.sum() == slow.counts.sum()  # marker entries count 0
     assert fast.metadata == slow.metadata
     # Each condition the fast path rules out must reach the per-cell rule that counts it.
-    assert _validate([[3, 4], [5]], [[1, 2**31], [1]]).rejected == {"count_overflow": 1}
-    assert _validate([[3, 4], [5]], [[1, 0.5], [1]]).rejected == {"non_integer_count": 1}
-    assert _validate([[4, 3], [5]], [[1, 2], [1]]).genes.tolist() == [4, 3, 5]  # unsorted but valid: kept as is
-    assert _validate([[3, 60], [5]], [[1, 2], [1]]).dropped == {"unknown_gene": 1}
-    assert _validate([[3, 4], [5]], [[1, 0], [1]]).dropped == {"zero_count": 1}
+    assert _validate([[3, 4], [5]], [[1, 2**31], [1]], lead).rejected == {"count_overflow": 1}
+    assert _validate([[3, 4], [5]], [[1, 0.5], [1]], lead).rejected == {"non_integer_count": 1}
+    assert _kept(_validate([[4, 3], [5]], [[1, 2], [1]], lead)) == [([4, 3], [1, 2]), ([5], [1])]  # order kept
+    assert _validate([[3, 60], [5]], [[1, 2], [1]], lead).dropped == {"unknown_gene": 1}
+    assert _validate([[3, 4], [5]], [[1, 0], [1]], lead).dropped == {"zero_count": 1}
+    assert _validate([[3, 4], []], [[1, 2], []], lead).rejected == {"empty_cell": 1}
+    holes = _validate([[3, 20], [5]], [[1, 2], [1]], lead)  # spans the hole at 10: every id is looked up
+    assert holes.dropped == {} and _kept(holes) == [([3, 20], [1, 2]), ([5], [1])]

@@ -67,9 +67,9 @@ def test_every_rule_decides_and_counts(tmp_path):
     source = TahoeSource(KNOWN, {"smp_1": ("0", "uM")}, batch_size=5)  # batches cross row groups
     batches = list(source.batches(path))
     kept = {
-        cid: (b.genes[b.offsets[i] : b.offsets[i + 1]].tolist(), b.counts[b.offsets[i] : b.offsets[i + 1]].tolist())
+        cid: (b.genes[start:end].tolist(), b.counts[start:end].tolist())
         for b in batches
-        for i, cid in enumerate(b.cell_ids)
+        for cid, start, end in zip(b.cell_ids, *b.bounds(), strict=True)
     }
     expected_kept = {
         f"shard:{i}": (list(r[2][0]), list(r[2][1])) for i, r in enumerate(ROWS) if isinstance(r[2], tuple)

@@ -12,8 +12,12 @@ Python loop over genes), and counts every decision so nothing is dropped silentl
   unknown is counted there and then rejected as ``empty_cell``).
 
 Almost every real batch is clean, and validation runs once per gene entry of the whole dataset, so a fast
-path first proves that no rule applies with about eight passes over the flat arrays (the per-reason
+path first proves that no rule applies with about six passes over the flat arrays (the per-reason
 bookkeeping makes about twenty-five); any doubt falls through to that bookkeeping, which decides per cell.
+
+A reader whose rows start with a marker entry (Tahoe's ``<cls>``) checks the marker itself and passes
+``lead=1``: the fast path then keeps the marker entries in the flat arrays and skips them through the cell
+bounds (stripping them would copy the whole batch); the per-cell path strips them first.
 """
 
 from __future__ import annotations
@@ -48,16 +52,21 @@ class CellBatch:
     """Cells that passed validation, in input order, plus the counts of what did not."""
 
     cell_ids: list[str]
-    offsets: np.ndarray  # int64 [n + 1]: cell i is genes[offsets[i]:offsets[i + 1]]
+    offsets: np.ndarray  # int64 [n + 1]: cell i is genes[offsets[i] + lead:offsets[i + 1]]
     genes: np.ndarray  # int32, flat gene token ids
-    counts: np.ndarray  # int32, flat raw counts (> 0)
+    counts: np.ndarray  # int32, flat raw counts (> 0; 0 at the lead entries)
     metadata: dict[str, list[str]]  # every schema.METADATA_COLUMNS, one string per kept cell
     cells_in: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    lead: int = 0  # entries before each cell's genes that are not genes (a reader's marker, left in place)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per cell, the start and end of its genes and counts in the flat arrays."""
+        return self.offsets[:-1] + self.lead, self.offsets[1:]
 
 
 def reject_codes(n: int) -> np.ndarray:
@@ -80,24 +89,36 @@ def _alive(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _clean(
-    genes: np.ndarray, values: np.ndarray, offsets: np.ndarray, known: np.ndarray, codes: np.ndarray
+    genes: np.ndarray, values: np.ndarray, offsets: np.ndarray, known: np.ndarray, codes: np.ndarray, lead: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(int32 genes, int32 counts) when every cell passes every rule as it is, else None.
 
     Clean means: no reader rejection, no empty cell, every gene id known, gene ids strictly increasing
     within each cell (so no duplicate; unsorted cells take the slow path), every count an integer in
     1..2**31 - 1. Float counts are cast to int32 and compared with the original: a NaN, infinite,
-    fractional or out-of-range value does not survive the cast unchanged.
+    fractional or out-of-range value does not survive the cast unchanged. The ``lead`` entries of each
+    row are not checked, except that a non-integer value there also sends the batch to the slow path.
     """
-    if not len(genes) or codes.any() or np.diff(offsets).min() <= 0:
+    if not len(genes) or codes.any() or np.diff(offsets).min() <= lead:
         return None
-    if genes.min() < 0 or genes.max() >= len(known) or not known[genes].all():  # index before the int32 cast:
-        return None  # numpy would cast int32 indices back to int64 for the look-up
-    genes = genes.astype(np.int32, copy=False)
+    starts, ends = offsets[:-1] + lead, offsets[1:]
     increasing = genes[1:] > genes[:-1]
-    increasing[offsets[1:-1] - 1] = True  # a cell's first gene may be smaller than the previous cell's last
+    for j in range(lead + 1):  # pairs that end at or before a cell's first gene are not within the cell
+        excused = starts - 1 - j
+        increasing[excused[excused >= 0]] = True
     if not increasing.all():
         return None
+    # Increasing cells span [first gene, last gene], so the known-gene check needs no pass over the entries
+    # when the ids in that span are all known (a vocab without holes); otherwise look every id up.
+    low, high = int(genes[starts].min()), int(genes[ends - 1].max())
+    if low < 0 or high >= len(known):
+        return None
+    if not known[low : high + 1].all():
+        is_known = known.take(genes, mode="clip")  # clip: lead entries may be out of range, genes are not
+        is_known[_lead_entries(offsets, lead)] = True
+        if not is_known.all():
+            return None
+    genes = genes.astype(np.int32, copy=False)  # in range: checked above
     if values.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
             counts = values.astype(np.int32)
@@ -106,10 +127,33 @@ def _clean(
         if not np.equal(counts.astype(values.dtype), values).all():
             return None
     elif values.dtype.kind in "iu" and values.max() < INT32_LIMIT:
-        counts = values.astype(np.int32, copy=False)
+        counts = values.astype(np.int32)  # a copy: the lead entries are overwritten below
     else:
         return None
-    return (genes, counts) if counts.min() > 0 else None
+    at_lead = _lead_entries(offsets, lead)
+    counts[at_lead] = 1
+    if counts.min() <= 0:
+        return None
+    counts[at_lead] = 0
+    return genes, counts
+
+
+def _lead_entries(offsets: np.ndarray, lead: int) -> np.ndarray:
+    """Flat positions of the first ``lead`` entries of every row (rows hold more than ``lead``)."""
+    return (offsets[:-1, None] + np.arange(lead)).ravel()
+
+
+def _strip_lead(
+    genes: np.ndarray, values: np.ndarray, offsets: np.ndarray, lead: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop the first ``lead`` entries of every row (all of a shorter row's)."""
+    lengths = np.diff(offsets)
+    body = np.ones(len(genes), dtype=bool)
+    for j in range(lead):
+        body[offsets[:-1][lengths > j] + j] = False
+    stripped = np.zeros_like(offsets)
+    np.cumsum(lengths - np.minimum(lengths, lead), out=stripped[1:])
+    return genes[body], values[body], stripped
 
 
 def validate(
@@ -120,25 +164,32 @@ def validate(
     codes: np.ndarray,
     cell_ids: list[str],
     metadata: dict[str, list[str]],
+    lead: int = 0,
 ) -> CellBatch:
     """Check ragged cells and return the clean ones. ``known[g]`` is True for valid gene token ids.
 
     ``codes`` carries rejections already decided by the reader (e.g. a missing Tahoe marker); entries of
     such cells are ignored. ``metadata`` values are per input row and are filtered with the cells.
+    ``offsets`` start at 0; the first ``lead`` entries of every row are a marker the reader has checked
+    (a row without one must be rejected in ``codes``) and are not part of the cell.
     """
     n = len(offsets) - 1
     genes = np.asarray(genes)
     values = np.asarray(values)
-    clean = _clean(genes, values, offsets, known, codes)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    clean = _clean(genes, values, offsets, known, codes, lead)
     if clean is not None:
         return CellBatch(
             cell_ids=list(cell_ids),
-            offsets=np.asarray(offsets, dtype=np.int64),
+            offsets=offsets,
             genes=clean[0],
             counts=clean[1],
             metadata={col: list(metadata[col]) for col in METADATA_COLUMNS},
             cells_in=n,
+            lead=lead,
         )
+    if lead:
+        genes, values, offsets = _strip_lead(genes, values, offsets, lead)
     lengths = np.diff(offsets)
     genes = genes.astype(np.int64, copy=False)
     row_cache: list[np.ndarray] = []

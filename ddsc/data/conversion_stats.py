@@ -40,9 +40,10 @@ class PartStats:
         _add(self.dropped, batch.dropped)
         _add(self.cells_out, {SPLITS[i]: int(n) for i, n in enumerate(np.bincount(split, minlength=len(SPLITS))) if n})
         _add(self.empty_metadata, {c: v.count("") for c in METADATA_COLUMNS if (v := batch.metadata[c]).count("")})
-        lengths, counts = np.unique(np.diff(batch.offsets), return_counts=True)
+        starts, ends = batch.bounds()
+        lengths, counts = np.unique(ends - starts, return_counts=True)
         _add(self.genes_per_cell, {str(k): int(v) for k, v in zip(lengths.tolist(), counts.tolist(), strict=True)})
-        self.total_counts += int(batch.counts.sum(dtype=np.int64))
+        self.total_counts += int(batch.counts.sum(dtype=np.int64))  # 0 at lead entries
         for col in LABEL_COLUMNS:
             self.labels[col] = sorted(set(self.labels.get(col, ())) | set(batch.metadata[col]) - {""})
 

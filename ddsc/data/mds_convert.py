@@ -79,7 +79,7 @@ def _atomic_write_json(path: Path, payload: object) -> None:
 
 def _columns(batch: CellBatch, rows: np.ndarray) -> dict[str, list[str] | Ragged]:
     """The MDS columns of the batch's cells ``rows`` (gene / count rows are views, not copies)."""
-    starts, ends = batch.offsets[:-1][rows], batch.offsets[1:][rows]
+    starts, ends = (bound[rows] for bound in batch.bounds())
     take = rows.tolist()
     columns: dict[str, list[str] | Ragged] = {
         "cell_id": [batch.cell_ids[i] for i in take],

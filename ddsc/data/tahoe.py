@@ -174,8 +174,6 @@ class TahoeSource:
         has_marker = np.zeros(n, dtype=bool)
         has_marker[nonempty] = (genes[first] == GENE_CLS) & (values[first] == MARKER_EXPRESSION)
         mark(codes, ~has_marker, "bad_marker")
-        # Strip the marker: drop the first entry of every row (rows without one are rejected anyway).
-        body_offsets = offsets - np.concatenate([[0], np.cumsum(nonempty)])
         metadata = {col: _strings(batch.column(tahoe)) for col, tahoe in TAHOE_METADATA.items()}
         doses = [self.sample_doses.get(s, ("", "")) for s in metadata["sample"]]
         metadata["dose"] = [d for d, _ in doses]
@@ -183,9 +181,8 @@ class TahoeSource:
         metadata["source"] = [source] * n
         cell_ids = [f"{stem}:{first_row + i}" for i in range(n)]
         assert set(metadata) == set(METADATA_COLUMNS)
-        return validate(
-            np.delete(genes, first), np.delete(values, first), body_offsets, self.known_genes, codes, cell_ids, metadata
-        )
+        # The marker is the lead entry of every row: validate skips it (rows without one are rejected).
+        return validate(genes, values, offsets, self.known_genes, codes, cell_ids, metadata, lead=1)
 
 
 def convert_tahoe(
