@@ -1,20 +1,21 @@
 """Tahoe -> MDS conversion throughput and memory, as ratios against references measured in the same run.
 
 On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 non-zero genes):
-  1. per-worker conversion rate / plain single-threaded pyarrow read rate of the same file (target >= 0.5);
-  2. 1 -> 2 worker scaling on two such files (ideal 2.0; limited by the machine's free cores);
+  1. per-worker conversion rate / plain single-threaded pyarrow read rate of the same file (target >= 0.5),
+     with the default shard compression (zstd level 1);
+  2. 1 -> 2 worker scaling on two such files (ideal 2.0; limited by the machine's free cores: one worker
+     already uses every core it is given, see below);
   3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
      flat), against the RSS of a process that only imports the converter;
-  4. the same 1-worker ratio for each of `--compressions` (what the shard compression costs: zstd level 3,
-     Streaming's default and ours, against level 1 and none), and the rate of zstd alone re-compressing the
-     train shards the 1-worker run wrote: the codec's own bound on the ratio of item 1. Compression runs on
-     a background thread of the worker (ddsc/data/mds_shards.py), so item 1 approaches that bound when the
-     worker has a second core, and the CPU-time ratio (all threads) shows the cost per core.
-Each measurement runs in a fresh process; peak RSS is that process's VmHWM, and its CPU seconds (all threads)
-are reported beside the wall time (the CPU-time ratio is steadier than wall time when other jobs share the
-cores; the target is on wall time). The plain read is single-threaded (use_threads=False) like a worker, and
-the faster of two reads is the reference. The load average is printed: on a shared machine every rate
-drops, the ratios much less.
+  4. the same 1-worker ratio for each of `--compressions` (zstd = level 3, Streaming's default, and none),
+     and the rate of the default codec alone re-compressing the shards the 1-worker run wrote (the
+     converter's own compressor, same level and threads): the codec's own bound on the ratio of item 1.
+A worker reads and validates on one thread, encodes on another and compresses on a third, and parquet
+decoding and zstd each get the worker's share of the cores (all of them for one worker); the CPU-time ratio
+(all threads) shows the cost per core. Each measurement runs in a fresh process; peak RSS is that process's
+VmHWM, and its CPU seconds are reported beside the wall time (the target is on wall time). The plain read
+is single-threaded (use_threads=False) and the faster of two reads is the reference. The load average is
+printed: on a shared machine every rate drops, the ratios much less.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from ddsc.data.mds_convert import WriteOptions
+
+DEFAULT_COMPRESSION = WriteOptions.compression
 
 CHILD = r"""
 import json, sys, time
@@ -39,14 +44,18 @@ start, cpu = time.perf_counter(), time.process_time()
 if mode == "read":
     cells = sum(b.num_rows for b in pq.ParquetFile(inputs).iter_batches(batch_size=1024, use_threads=False))
 elif mode == "compress":  # the codec alone: re-compress the shards a conversion wrote (decompressed untimed)
-    import json as js, pathlib
-    from streaming.base.compression import compress, decompress
+    import json as js, os, pathlib
+    from streaming.base.compression import decompress
+    from ddsc.data.mds_convert import worker_threads
+    from ddsc.data.mds_shards import write_compressed, zstd_compressor
     shards = [s for s in js.loads((pathlib.Path(out) / "index.json").read_text())["shards"] if s["zip_data"]]
     raws = [decompress(compression, (pathlib.Path(out) / s["zip_data"]["basename"]).read_bytes()) for s in shards]
     cells = sum(s["samples"] for s in shards)
+    zstd = zstd_compressor(compression, worker_threads(1))
     start, cpu = time.perf_counter(), time.process_time()
-    for raw in raws:
-        compress(compression, raw)
+    with open(os.devnull, "wb") as sink:
+        for raw in raws:
+            write_compressed(sink, [raw], len(raw), compression, zstd)
 elif mode != "import":
     options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode), compression=compression)
     cells = convert_tahoe(inputs, genes, out, options=options)["cells_out"]
@@ -58,7 +67,7 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "cells": cells, "peak_
 """
 
 
-def run_child(mode: str, out: Path, inputs: Path, genes: Path, compression: str = "zstd") -> dict:
+def run_child(mode: str, out: Path, inputs: Path, genes: Path, compression: str = DEFAULT_COMPRESSION) -> dict:
     """Run one measurement in a fresh process; returns its timing and that process's peak RSS (VmHWM)."""
     command = [sys.executable, "-c", CHILD, mode, str(out), str(inputs), str(genes), compression.replace("none", "")]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -90,7 +99,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to write the inputs (default: a temporary folder)")
     parser.add_argument(
         "--compressions",
-        default="zstd:1,none",
+        default="zstd,none",
         help="comma-separated extra shard compressions to time against the read ('none' = uncompressed; "
         "default %(default)s; '' = skip)",
     )
@@ -147,7 +156,8 @@ def main() -> None:
         "ratio_convert_vs_pyarrow_read": round(rate(one) / rate(read), 3),
         "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_rate(one) / cpu_rate(read_cpu), 3),
         "convert_cpu_s_per_wall_s": round(one["cpu_seconds"] / one["seconds"], 2),
-        "ratio_zstd_compression_alone_vs_pyarrow_read": round(rate(codec) / rate(read), 3),
+        "compression": DEFAULT_COMPRESSION,
+        "ratio_compression_alone_vs_pyarrow_read": round(rate(codec) / rate(read), 3),
         **{f"ratio_convert_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in extra.items()},
         "scaling_1_to_2_workers": round(rate(parallel) / rate(serial), 3),
         "cpu_count": os.cpu_count(),

@@ -19,7 +19,7 @@ import pytest
 from data_prep_helpers import read_all, same_cells
 
 from ddsc.data.demo_data import DemoSpec, make_demo_data
-from ddsc.data.mds_convert import ConversionError, WriteOptions
+from ddsc.data.mds_convert import ConversionError, WriteOptions, read_ahead
 from ddsc.data.schema import LABEL_COLUMNS
 from ddsc.data.splits import SplitSpec
 from ddsc.data.tahoe import convert_tahoe
@@ -201,3 +201,29 @@ def test_two_workers_write_what_one_writes(demo, tmp_path):
         batch_size=100,
     )
     assert same_cells(read_all(tmp_path / "one"), read_all(tmp_path / "two"))
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_closes():
+    """Batches produced on the read-ahead thread arrive in order; an error surfaces at the item it replaces
+    (after the items before it); a consumer that stops early closes the producer."""
+    closed = []
+
+    def produce(n: int, fail_at: int | None = None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"bad row group {i}")
+                yield i
+        finally:
+            closed.append(n)
+
+    assert list(read_ahead(produce(7), depth=2)) == list(range(7))
+    got = []
+    with pytest.raises(ValueError, match="bad row group 4"):
+        for item in read_ahead(produce(9, fail_at=4), depth=3):
+            got.append(item)
+    assert got == [0, 1, 2, 3]
+    early = read_ahead(produce(100), depth=2)
+    assert [next(early) for _ in range(3)] == [0, 1, 2]
+    early.close()
+    assert closed == [7, 9, 100]  # every producer was closed, the abandoned one included

@@ -18,20 +18,23 @@ uninterrupted one, and so does a run with another number of workers.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from ddsc.data.cells import CellBatch
@@ -43,6 +46,9 @@ from ddsc.data.vocab import GeneVocab
 
 PARTS_DIR = ".parts"
 INDEX_FILE = "index.json"
+READ_AHEAD = 2  # batches a worker reads and validates ahead of the one it encodes
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+T = TypeVar("T")
 
 
 class CellSource(Protocol):
@@ -58,7 +64,10 @@ class CellSource(Protocol):
 @dataclass(frozen=True)
 class WriteOptions:
     split: SplitSpec = SplitSpec()
-    compression: str = "zstd"
+    # zstd level 1, not Streaming's level 3: measured, conversion runs about 1.5x faster (level 3 is the
+    # bottleneck of a worker, see benchmarks/data_prep.py) for shards 5% (mouse10k) to 18% (synthetic) larger.
+    # Readers decompress either; "zstd" (level 3) is one option away.
+    compression: str = "zstd:1"
     shard_size: int = 1 << 26  # bytes of uncompressed samples per shard (Streaming's default, 64 MiB)
     workers: int = 1
 
@@ -92,6 +101,45 @@ def _columns(batch: CellBatch, rows: np.ndarray) -> dict[str, list[str] | Ragged
     return columns
 
 
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced up to ``depth`` ahead on a background thread.
+
+    A worker's reading (parquet decoding) and validation (numpy) run mostly without the GIL, so producing
+    the next batches on their own thread overlaps them with encoding the current one on the main thread
+    (and with compression on the writer's thread). An error in ``items`` is raised at the item it replaces.
+    """
+    end = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        ahead = deque(pool.submit(next, items, end) for _ in range(depth))
+        try:
+            while (item := ahead.popleft().result()) is not end:
+                ahead.append(pool.submit(next, items, end))
+                yield item
+        finally:
+            for future in ahead:
+                future.cancel()
+            pool.shutdown()  # no thread is inside the generator after this
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the OS.
+
+    A worker allocates and frees arrays of 8-16 MB per batch. By default glibc unmaps or trims such blocks,
+    and the kernel then faults the next ones back in page by page, zeroed: measured, that was about a fifth of
+    a worker's CPU. The same blocks are live at once either way, so the peak RSS is unchanged; memory freed
+    at the end stays with the process. A no-op where the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 # Progress reporting from convert_part: the bar's update in-process, a queue's put in a worker process.
 # A negative number announces an input's cell count (grows the bar's total) so no serial pre-pass is needed.
 def _ignore(n: int) -> None:
@@ -106,9 +154,21 @@ def _init_worker(queue: mp.Queue) -> None:
     _report = queue.put
 
 
-def convert_part(source: CellSource, path: str, out: Path, options: WriteOptions) -> PartStats:
-    """Convert one input into ``<split>/<name>`` folders and write its done-marker (runs in a worker)."""
+def worker_threads(workers: int) -> int:
+    """Threads per worker process (parquet decoding, zstd): its share of the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def convert_part(source: CellSource, path: str, out: Path, options: WriteOptions, threads: int = 1) -> PartStats:
+    """Convert one input into ``<split>/<name>`` folders and write its done-marker (runs in a worker).
+
+    The worker reads and validates on one thread, encodes on this one and compresses on a third; parquet
+    decoding and zstd each use up to ``threads`` threads.
+    """
     name = part_name(path, source.suffix)
+    keep_freed_memory()
+    pa.set_cpu_count(threads)
     for split in SPLITS:  # leftovers of a killed run
         for leftover in (out / split / name, out / split / f"{name}.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -117,13 +177,13 @@ def convert_part(source: CellSource, path: str, out: Path, options: WriteOptions
     try:
         with ExitStack() as stack:  # stops the writers' background threads on any error
             _report(-source.count_cells(path))
-            for batch in source.batches(path):
+            for batch in read_ahead(source.batches(path), READ_AHEAD):
                 split = assign_splits(batch, options.split)
                 stats.add(batch, split)
                 for s in np.unique(split).tolist():
                     if s not in writers:
                         tmp = out / SPLITS[s] / f"{name}.tmp"
-                        writer = MDSShardWriter(tmp, MDS_COLUMNS, options.compression, options.shard_size)
+                        writer = MDSShardWriter(tmp, MDS_COLUMNS, options.compression, options.shard_size, threads)
                         writers[s] = stack.enter_context(writer)
                     writers[s].write_batch(_columns(batch, np.flatnonzero(split == s)))
                 _report(batch.cells_in)
@@ -243,11 +303,13 @@ def _run(pending: list[str], source: CellSource, out: Path, options: WriteOption
             bar.update(n)
 
     global _report
-    if options.workers <= 1 or len(pending) <= 1:
+    workers = min(options.workers, len(pending))
+    threads = worker_threads(workers)
+    if workers <= 1:
         _report = update
         try:
             for path in pending:
-                yield convert_part(source, path, out, options)
+                yield convert_part(source, path, out, options, threads)
         finally:
             _report = _ignore
         return
@@ -255,10 +317,8 @@ def _run(pending: list[str], source: CellSource, out: Path, options: WriteOption
     # re-importing them; safe here as the parent has run no torch op and holds no lock the workers need.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
-    with ProcessPoolExecutor(
-        max_workers=min(options.workers, len(pending)), mp_context=ctx, initializer=_init_worker, initargs=(queue,)
-    ) as pool:
-        futures: set[Future] = {pool.submit(convert_part, source, p, out, options) for p in pending}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        futures: set[Future] = {pool.submit(convert_part, source, p, out, options, threads) for p in pending}
         try:
             while futures:
                 finished, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
