@@ -24,7 +24,7 @@ Compressing a shard costs more than reading and encoding its cells (zstd level 3
 of raw shard bytes here, about 2.5x the time pyarrow takes to read those cells), so it runs on a background
 thread: zstd and the file write release the GIL and overlap with reading and encoding the next shard. One
 shard at most is in flight, so memory stays bounded at about two shards. zstd shards are streamed through
-``zstandard`` with two compression threads straight from the encoded batch buffers into the file: no 64 MB
+``zstandard`` on the worker's share of the cores straight from the encoded batch buffers into the file: no 64 MB
 shard copy (a fresh allocation per shard, whose page faults cost as much as the copy) and no compressed
 copy in memory. zstd's multi-threaded format does not depend on the thread count, so the files are the
 ones Streaming's own ``compress`` (python-zstd, also multi-threaded) writes; other codecs go through that
