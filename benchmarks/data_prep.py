@@ -8,8 +8,9 @@ On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 
   3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
      flat), against the RSS of a process that only imports the converter;
   4. the same 1-worker ratio for each of `--compressions` (zstd = level 3, Streaming's default, and none),
-     and the rate of the default codec alone re-compressing the shards the 1-worker run wrote (the
-     converter's own compressor, same level and threads): the codec's own bound on the ratio of item 1.
+     and for each zstd level the rate of the codec alone re-compressing the raw shards the 1-worker run
+     wrote (the converter's own compressor and threads: the codec's own bound on the ratio of item 1) and
+     the compression ratio it reaches (raw / compressed bytes).
 A worker reads and validates on one thread, encodes on another and compresses on a third, and parquet
 decoding and zstd each get the worker's share of the cores (all of them for one worker); the CPU-time ratio
 (all threads) shows the cost per core. Each measurement runs in a fresh process; peak RSS is that process's
@@ -36,6 +37,7 @@ CHILD = r"""
 import json, sys, time
 import pyarrow.parquet as pq
 mode, out, inputs, genes, compression = sys.argv[1:6]
+extra = {}
 import pyarrow.dataset  # imported lazily by the vocab reader: a one-time import, like the ones above, not conversion
 from ddsc.data.mds_convert import WriteOptions
 from ddsc.data.splits import SplitSpec
@@ -44,18 +46,22 @@ start, cpu = time.perf_counter(), time.process_time()
 if mode == "read":
     cells = sum(b.num_rows for b in pq.ParquetFile(inputs).iter_batches(batch_size=1024, use_threads=False))
 elif mode == "compress":  # the codec alone: re-compress the shards a conversion wrote (decompressed untimed)
-    import json as js, os, pathlib
+    import json as js, pathlib
     from streaming.base.compression import decompress
     from ddsc.data.mds_convert import worker_threads
     from ddsc.data.mds_shards import write_compressed, zstd_compressor
+    class Count:  # a sink that keeps only the number of bytes written
+        written = 0
+        def write(self, data): self.written += len(data); return len(data)
+        def flush(self): pass
     shards = [s for s in js.loads((pathlib.Path(out) / "index.json").read_text())["shards"] if s["zip_data"]]
-    raws = [decompress(compression, (pathlib.Path(out) / s["zip_data"]["basename"]).read_bytes()) for s in shards]
+    raws = [decompress(s["compression"], (pathlib.Path(out) / s["zip_data"]["basename"]).read_bytes()) for s in shards]
     cells = sum(s["samples"] for s in shards)
-    zstd = zstd_compressor(compression, worker_threads(1))
+    zstd, sink = zstd_compressor(compression, worker_threads(1)), Count()
     start, cpu = time.perf_counter(), time.process_time()
-    with open(os.devnull, "wb") as sink:
-        for raw in raws:
-            write_compressed(sink, [raw], len(raw), compression, zstd)
+    for raw in raws:
+        write_compressed(sink, [raw], len(raw), compression, zstd)
+    extra = {"size_ratio": sum(map(len, raws)) / sink.written}
 elif mode != "import":
     options = WriteOptions(split=SplitSpec(valid_fraction=0.01), workers=int(mode), compression=compression)
     cells = convert_tahoe(inputs, genes, out, options=options)["cells_out"]
@@ -63,7 +69,7 @@ else:
     cells = 0
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # peak RSS, kB
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "cells": cells, "peak_rss_mb": hwm / 1024}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "cells": cells, "peak_rss_mb": hwm / 1024, **extra}))
 """
 
 
@@ -142,10 +148,12 @@ def main() -> None:
         serial = run_child("1", root / "two", inputs, genes)
         parallel = run_child("2", root / "two2", inputs, genes)
         large = run_child("1", root / "big", big, genes)
-        codec = run_child("compress", root / "one0" / "train", shard, genes)
-        extra = {
-            c: run_child("1", root / f"c{i}", shard, genes, c)
-            for i, c in enumerate(filter(None, args.compressions.split(",")))
+        compressions = list(filter(None, args.compressions.split(",")))
+        extra = {c: run_child("1", root / f"c{i}", shard, genes, c) for i, c in enumerate(compressions)}
+        codecs = {  # every zstd level on the same raw shards: a steadier comparison than whole conversions
+            c: run_child("compress", root / "one0" / "train", shard, genes, c)
+            for c in [DEFAULT_COMPRESSION, *compressions]
+            if c.startswith("zstd")
         }
 
     rate = lambda r: r["cells"] / r["seconds"]  # noqa: E731
@@ -161,7 +169,8 @@ def main() -> None:
         "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_rate(one_cpu) / cpu_rate(read_cpu), 3),
         "convert_cpu_s_per_wall_s": round(one["cpu_seconds"] / one["seconds"], 2),
         "compression": DEFAULT_COMPRESSION,
-        "ratio_compression_alone_vs_pyarrow_read": round(rate(codec) / rate(read), 3),
+        **{f"ratio_compression_alone_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in codecs.items()},
+        **{f"raw_over_compressed_bytes[{c}]": round(r["size_ratio"], 2) for c, r in codecs.items()},
         **{f"ratio_convert_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in extra.items()},
         "scaling_1_to_2_workers": round(rate(parallel) / rate(serial), 3),
         "cpu_count": os.cpu_count(),
