@@ -15,8 +15,11 @@ A worker reads and validates on one thread, encodes on another and compresses on
 decoding and zstd each get the worker's share of the cores (all of them for one worker); the CPU-time ratio
 (all threads) shows the cost per core. Each measurement runs in a fresh process; peak RSS is that process's
 VmHWM, and its CPU seconds are reported beside the wall time (the target is on wall time). The plain read
-is single-threaded (use_threads=False); read and conversion each run twice, alternating, and the faster of
-each is compared. The load average is printed: on a shared machine every rate drops, the ratios much less.
+is single-threaded (use_threads=False). Read and conversion alternate `--pairs` times; each pair gives one
+ratio, and the median pair is reported with the range over all pairs (in fresh processes the read alone
+varies by up to 1.8x here, so a single pair decides little). Dirty pages are flushed before each
+measurement (untimed), and the `--scale`x input is written only after the 1x runs. The load average is
+printed: on a shared machine every rate drops, the ratios much less.
 """
 
 from __future__ import annotations
@@ -74,12 +77,19 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "cells": cells, "peak_
 
 
 def run_child(mode: str, out: Path, inputs: Path, genes: Path, compression: str = DEFAULT_COMPRESSION) -> dict:
-    """Run one measurement in a fresh process; returns its timing and that process's peak RSS (VmHWM)."""
+    """Run one measurement in a fresh process; returns its timing and that process's peak RSS (VmHWM).
+
+    Dirty pages are flushed first (untimed): the kernel otherwise writes back the inputs and the previous
+    run's shards (gigabytes on the 10x input) in the middle of the next measurement.
+    """
+    os.sync()
     command = [sys.executable, "-c", CHILD, mode, str(out), str(inputs), str(genes), compression.replace("none", "")]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark child {mode} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  {mode:>8} {inputs.name}: {measured['seconds']:.2f} s, {measured['cpu_seconds']:.2f} s CPU", flush=True)
+    return measured
 
 
 def repeat_rows(src: Path, dst: Path, times: int) -> None:
@@ -102,6 +112,9 @@ def main() -> None:
     parser.add_argument(
         "--scale", type=int, default=10, help="cells of the large input / cells per shard (default %(default)s)"
     )
+    parser.add_argument(
+        "--pairs", type=int, default=5, help="alternating read / conversion pairs of the 1x ratio (default %(default)s)"
+    )
     parser.add_argument("--workdir", help="where to write the inputs (default: a temporary folder)")
     parser.add_argument(
         "--compressions",
@@ -123,11 +136,9 @@ def main() -> None:
         inputs = root / "two.inputs"
         inputs.mkdir()
         shard = inputs / "a.parquet"
-        print(f"generating {args.cells:,} cells x ~{args.genes_per_cell} genes (and the shard {args.scale}x over) ...")
+        print(f"generating {args.cells:,} cells x ~{args.genes_per_cell} genes ...")
         synthetic_shard(shard, args.cells, args.genes_per_cell)
         os.link(shard, inputs / "b.parquet")
-        big = root / "big.parquet"
-        repeat_rows(shard, big, args.scale)
         genes = root / "gene_metadata.parquet"
         ids = range(3, 20003)
         pq.write_table(
@@ -138,16 +149,14 @@ def main() -> None:
         )
 
         base = run_child("import", root / "x", shard, genes)
-        # Read and conversion alternate, twice each; the faster of each pair is compared (same treatment).
-        reads, ones = [], []
-        for attempt in range(2):
-            reads.append(run_child("read", root / "x", shard, genes))
-            ones.append(run_child("1", root / f"one{attempt}", shard, genes))
-        read = min(reads, key=lambda r: r["seconds"])
-        one = min(ones, key=lambda r: r["seconds"])
+        # Read and conversion alternate: each pair shares the machine's state of the moment.
+        pairs = []
+        for attempt in range(args.pairs):
+            pairs.append(
+                (run_child("read", root / "x", shard, genes), run_child("1", root / f"one{attempt}", shard, genes))
+            )
         serial = run_child("1", root / "two", inputs, genes)
         parallel = run_child("2", root / "two2", inputs, genes)
-        large = run_child("1", root / "big", big, genes)
         compressions = list(filter(None, args.compressions.split(",")))
         extra = {c: run_child("1", root / f"c{i}", shard, genes, c) for i, c in enumerate(compressions)}
         codecs = {  # every zstd level on the same raw shards: a steadier comparison than whole conversions
@@ -155,18 +164,27 @@ def main() -> None:
             for c in [DEFAULT_COMPRESSION, *compressions]
             if c.startswith("zstd")
         }
+        # Last: gigabytes of input written just before the 1x runs slowed them down (page cache, write-back).
+        print(f"repeating the shard {args.scale}x over ...")
+        big = root / "big.parquet"
+        repeat_rows(shard, big, args.scale)
+        large = run_child("1", root / "big", big, genes)
 
     rate = lambda r: r["cells"] / r["seconds"]  # noqa: E731
     cpu_rate = lambda r: r["cells"] / r["cpu_seconds"]  # noqa: E731
-    read_cpu = min(reads, key=lambda r: r["cpu_seconds"])
-    one_cpu = min(ones, key=lambda r: r["cpu_seconds"])
+    ratios = sorted(rate(one) / rate(read) for read, one in pairs)
+    cpu_ratios = sorted(cpu_rate(one) / cpu_rate(read) for read, one in pairs)
+    read, one = sorted(pairs, key=lambda p: rate(p[1]) / rate(p[0]))[len(pairs) // 2]  # the median pair
+    ones = [one for _, one in pairs]
     report = {
         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         "cells_per_shard": args.cells,
+        "pairs": len(pairs),
         "pyarrow_read_cells_per_s": round(rate(read)),
         "convert_cells_per_s_1_worker": round(rate(one)),
         "ratio_convert_vs_pyarrow_read": round(rate(one) / rate(read), 3),
-        "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_rate(one_cpu) / cpu_rate(read_cpu), 3),
+        "ratio_convert_vs_pyarrow_read_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+        "ratio_convert_vs_pyarrow_read_cpu_time": round(cpu_ratios[len(cpu_ratios) // 2], 3),
         "convert_cpu_s_per_wall_s": round(one["cpu_seconds"] / one["seconds"], 2),
         "compression": DEFAULT_COMPRESSION,
         **{f"ratio_compression_alone_vs_pyarrow_read[{c}]": round(rate(r) / rate(read), 3) for c, r in codecs.items()},
