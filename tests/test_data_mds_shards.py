@@ -12,7 +12,7 @@ from streaming.base.compression import decompress
 
 from ddsc.data.cells import CellBatch, validate
 from ddsc.data.mds_shards import MDSShardWriter, Ragged
-from ddsc.data.schema import MDS_COLUMNS, METADATA_COLUMNS
+from ddsc.data.schema import COUNT_DTYPES, MDS_COLUMNS, METADATA_COLUMNS
 
 
 def _cells(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, list[str]]]:
@@ -28,12 +28,21 @@ def _cells(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np
     return [f"cell:{i}" for i in range(n)], offsets, genes, counts, metadata
 
 
-def _write_reference(out: Path, cells: tuple, compression: str | None, size_limit: int | None) -> None:
+def _count_dtype(batch_number: int) -> type[np.integer]:
+    """Counts (a dynamic-dtype column) alternate between the schema's dtypes from batch to batch."""
+    return COUNT_DTYPES[batch_number % len(COUNT_DTYPES)]
+
+
+def _write_reference(out: Path, cells: tuple, compression: str | None, size_limit: int | None, batch: int) -> None:
     ids, offsets, genes, counts, metadata = cells
     with MDSWriter(columns=MDS_COLUMNS, out=str(out), compression=compression, size_limit=size_limit) as writer:
         for i, cell_id in enumerate(ids):
             lo, hi = offsets[i], offsets[i + 1]
-            sample = {"cell_id": cell_id, "genes": genes[lo:hi], "counts": counts[lo:hi]}
+            sample = {
+                "cell_id": cell_id,
+                "genes": genes[lo:hi],
+                "counts": counts[lo:hi].astype(_count_dtype(i // batch)),
+            }
             writer.write(sample | {col: metadata[col][i] for col in METADATA_COLUMNS})
 
 
@@ -43,7 +52,12 @@ def _write_bulk(out: Path, cells: tuple, compression: str | None, size_limit: in
     for lo in range(0, len(ids), batch):
         rows = slice(lo, lo + batch)
         starts, ends = offsets[:-1][rows], offsets[1:][rows]
-        columns = {"cell_id": ids[rows], "genes": Ragged(genes, starts, ends), "counts": Ragged(counts, starts, ends)}
+        batch_counts = counts.astype(_count_dtype(lo // batch))
+        columns = {
+            "cell_id": ids[rows],
+            "genes": Ragged(genes, starts, ends),
+            "counts": Ragged(batch_counts, starts, ends),
+        }
         writer.write_batch(columns | {col: metadata[col][rows] for col in METADATA_COLUMNS})
     writer.finish()
 
@@ -60,7 +74,7 @@ def _write_bulk(out: Path, cells: tuple, compression: str | None, size_limit: in
 )
 def test_files_identical_to_mdswriter(tmp_path: Path, compression: str | None, size_limit: int | None, batch: int):
     cells = _cells(300)
-    _write_reference(tmp_path / "ref", cells, compression, size_limit)
+    _write_reference(tmp_path / "ref", cells, compression, size_limit, batch)
     _write_bulk(tmp_path / "bulk", cells, compression, size_limit, batch)
     names = sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "bulk").iterdir())
@@ -78,11 +92,13 @@ def test_streaming_reads_back_the_input(tmp_path: Path):
     # Rows picked out of order and with gaps (how the converter hands a split's cells over: views, no copies).
     rows = np.array([5, 0, 7, 3, 2] + list(range(10, 120, 3)))
     writer = MDSShardWriter(tmp_path, MDS_COLUMNS, "zstd", 1 << 15)
-    for part in np.array_split(rows, 4):
+    dtype_of = {}
+    for number, part in enumerate(np.array_split(rows, 4)):
+        dtype_of |= dict.fromkeys(part.tolist(), _count_dtype(number))
         columns = {
             "cell_id": [ids[i] for i in part],
             "genes": Ragged(genes, offsets[part], offsets[part + 1]),
-            "counts": Ragged(counts, offsets[part], offsets[part + 1]),
+            "counts": Ragged(counts.astype(_count_dtype(number)), offsets[part], offsets[part + 1]),
         }
         writer.write_batch(columns | {col: [metadata[col][i] for i in part] for col in METADATA_COLUMNS})
     writer.finish()
@@ -92,7 +108,7 @@ def test_streaming_reads_back_the_input(tmp_path: Path):
         sample = back[ids[i]]
         lo, hi = offsets[i], offsets[i + 1]
         assert sample["genes"].dtype == np.int32 and np.array_equal(sample["genes"], genes[lo:hi])
-        assert np.array_equal(sample["counts"], counts[lo:hi])
+        assert sample["counts"].dtype == dtype_of[i] and np.array_equal(sample["counts"], counts[lo:hi])
         assert {col: sample[col] for col in METADATA_COLUMNS} == {col: metadata[col][i] for col in METADATA_COLUMNS}
 
 
@@ -110,7 +126,9 @@ def test_bad_batches_are_refused(tmp_path: Path):
         writer.write_batch(strings | {"cell_id": ["a"], "genes": ok, "counts": ok})
     with pytest.raises(KeyError, match="plate"):
         writer.write_batch({k: v for k, v in (strings | {"genes": ok, "counts": ok}).items() if k != "plate"})
-    with pytest.raises(ValueError, match="'str' and 'ndarray:<dtype>' columns only"):
+    with pytest.raises(ValueError, match="'counts': bool values cannot be stored in an MDS ndarray column"):
+        writer.write_batch(strings | {"genes": ok, "counts": Ragged(values > 3, [0, 4], [4, 9])})
+    with pytest.raises(ValueError, match="'str', 'ndarray' and 'ndarray:<dtype>' columns, not 'pkl'"):
         MDSShardWriter(tmp_path / "x", {"a": "pkl"}, None, None)
     with pytest.raises(ValueError, match="invalid compression"):
         MDSShardWriter(tmp_path / "y", MDS_COLUMNS, "zstd:99", None)
@@ -138,8 +156,9 @@ def test_background_write_error_surfaces_and_nothing_is_indexed(tmp_path: Path, 
     assert not (tmp_path / "index.json").exists()
 
 
-def _validate(genes: list[list[int]], values: list[list[float]], lead: int = 0) -> CellBatch:
-    """``validate`` on these cells; with ``lead``, each row first gets that many Tahoe-style markers."""
+def _validate(genes: list[list[int]], values: list[list[float]], lead: int = 0, dtype=np.float32) -> CellBatch:
+    """``validate`` on these cells (values as ``dtype``); with ``lead``, each row first gets that many
+    Tahoe-style markers."""
     genes = [[1] * lead + g for g in genes]
     values = [[-2.0] * lead + v for v in values]
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in genes])])
@@ -148,7 +167,7 @@ def _validate(genes: list[list[int]], values: list[list[float]], lead: int = 0) 
     known[10] = False  # a hole in the vocab
     n = len(genes)
     flat_genes = np.array([g for cell in genes for g in cell], dtype=np.int64)
-    flat_values = np.array([v for cell in values for v in cell], dtype=np.float32)
+    flat_values = np.array([v for cell in values for v in cell], dtype=dtype)
     metadata = {col: [f"{col}{i}" for i in range(n)] for col in METADATA_COLUMNS}
     return validate(
         flat_genes, flat_values, offsets, known, np.zeros(n, np.int8), [f"c{i}" for i in range(n)], metadata, lead
@@ -156,9 +175,23 @@ def _validate(genes: list[list[int]], values: list[list[float]], lead: int = 0) 
 
 
 def _kept(batch: CellBatch) -> list[tuple[list[int], list[int]]]:
-    """Each kept cell's (genes, counts), read through the batch's bounds."""
-    assert batch.genes.dtype == batch.counts.dtype == np.int32
+    """Each kept cell's (genes, counts), read through the batch's bounds; checks the dtypes on the way."""
+    largest = int(batch.counts.max(initial=0))
+    assert batch.genes.dtype == np.int32
+    assert batch.counts.dtype == (np.uint16 if largest < 2**16 else np.int32)
     return [(batch.genes[a:b].tolist(), batch.counts[a:b].tolist()) for a, b in zip(*batch.bounds(), strict=True)]
+
+
+@pytest.mark.parametrize(("lead", "dtype"), [(0, np.float32), (1, np.float32), (0, np.int64)])
+@pytest.mark.parametrize("largest", [2**16 - 1, 2**16])
+def test_counts_take_the_narrowest_dtype_that_holds_them(lead, dtype, largest):
+    """uint16 up to 65,535, int32 above, on the fast path (clean batch) and the per-cell path alike; an
+    integer input's negative count is rejected, not wrapped into range by the narrow cast."""
+    fast = _validate([[3, 4]], [[1, largest]], lead, dtype)
+    slow = _validate([[3, 4], [8, 8]], [[1, largest], [1, 2]], lead, dtype)  # duplicate gene: per-cell path
+    assert fast.counts.dtype == slow.counts.dtype == (np.uint16 if largest < 2**16 else np.int32)
+    assert _kept(fast) == _kept(slow) == [([3, 4], [1, largest])]
+    assert _validate([[3, 4], [5]], [[1, -(2**16) + 1], [2]], lead, dtype).rejected == {"negative_count": 1}
 
 
 @pytest.mark.parametrize("lead", [0, 1])

@@ -18,6 +18,7 @@ NAN = float("nan")
 # (genes, expressions) per row, and what validation must make of it: kept (genes, counts) or a reason.
 ROWS = [
     ([1, 5, 7], [-2, 3, 1], ([5, 7], [3, 1])),
+    ([1, 5, 6], [-2, 70000, 65535], ([5, 6], [70000, 65535])),  # a count above uint16: its batch is int32
     ([5, 7], [3, 1], "bad_marker"),  # no marker
     ([1, 5, 7], [4, 3, 1], "bad_marker"),  # gene 1 but not the -2 value
     ([1, 5], [-2, NAN], "nan_count"),
@@ -86,7 +87,8 @@ def test_every_rule_decides_and_counts(tmp_path):
     assert rejected == {reason: reasons.count(reason) for reason in set(reasons)}
     # unknown: 99999 twice, ids 1 and 2 inside a body; zero: one entry
     assert dropped == {"unknown_gene": 4, "zero_count": 1}
-    assert all(b.genes.dtype == np.int32 and b.counts.dtype == np.int32 for b in batches)
+    assert all(b.genes.dtype == np.int32 for b in batches)
+    assert [b.counts.dtype for b in batches] == [np.int32] + [np.uint16] * (len(batches) - 1)  # see ROWS[1]
     first = next(b for b in batches if len(b))
     assert first.metadata["dose"][0] == "0" and first.metadata["barcode"][0] == "bc"
     assert first.metadata["source"][0] == "shard.parquet"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ddsc.data.schema import METADATA_COLUMNS
+from ddsc.data.schema import COUNT_DTYPES, METADATA_COLUMNS
 
 # Cell-level rejections, in priority order. Readers may set the first ones (format problems) before validate.
 REJECT_REASONS: tuple[str, ...] = (
@@ -54,7 +54,7 @@ class CellBatch:
     cell_ids: list[str]
     offsets: np.ndarray  # int64 [n + 1]: cell i is genes[offsets[i] + lead:offsets[i + 1]]
     genes: np.ndarray  # int32, flat gene token ids
-    counts: np.ndarray  # int32, flat raw counts (> 0; 0 at the lead entries)
+    counts: np.ndarray  # flat raw counts (> 0; 0 at the lead entries), the first of COUNT_DTYPES holding them
     metadata: dict[str, list[str]]  # every schema.METADATA_COLUMNS, one string per kept cell
     cells_in: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -91,13 +91,12 @@ def _alive(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def _clean(
     genes: np.ndarray, values: np.ndarray, offsets: np.ndarray, known: np.ndarray, codes: np.ndarray, lead: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(int32 genes, int32 counts) when every cell passes every rule as it is, else None.
+    """(int32 genes, counts) when every cell passes every rule as it is, else None.
 
     Clean means: no reader rejection, no empty cell, every gene id known, gene ids strictly increasing
     within each cell (so no duplicate; unsorted cells take the slow path), every count an integer in
-    1..2**31 - 1. Float counts are cast to int32 and compared with the original: a NaN, infinite,
-    fractional or out-of-range value does not survive the cast unchanged. The ``lead`` entries of each
-    row are not checked, except that a non-integer value there also sends the batch to the slow path.
+    1..2**31 - 1. The counts come back in the first of ``COUNT_DTYPES`` that holds them (see
+    :func:`_exact_counts`). The ``lead`` entries of each row are not checked.
     """
     if not len(genes) or codes.any() or np.diff(offsets).min() <= lead:
         return None
@@ -118,24 +117,44 @@ def _clean(
         is_known[_lead_entries(offsets, lead)] = True
         if not is_known.all():
             return None
-    genes = genes.astype(np.int32, copy=False)  # in range: checked above
-    if values.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            counts = values.astype(np.int32)
-        # Compared in the values' own float type, not numpy's int32 x float32 -> float64 promotion (slower):
-        # exact, since an integral value below 2**31 survives both casts and anything else changes.
-        if not np.equal(counts.astype(values.dtype), values).all():
-            return None
-    elif values.dtype.kind in "iu" and values.max() < INT32_LIMIT:
-        counts = values.astype(np.int32)  # a copy: the lead entries are overwritten below
-    else:
-        return None
     at_lead = _lead_entries(offsets, lead)
+    counts = _exact_counts(values, at_lead)
+    if counts is None:
+        return None
     counts[at_lead] = 1
     if counts.min() <= 0:
         return None
     counts[at_lead] = 0
-    return genes, counts
+    return genes.astype(np.int32, copy=False), counts  # genes in range: checked above
+
+
+def _exact_counts(values: np.ndarray, excused: np.ndarray) -> np.ndarray | None:
+    """``values`` cast to the first of ``COUNT_DTYPES`` that holds each of them exactly (a copy), else None.
+
+    Float values are cast and compared with the original: a NaN, infinite, fractional or out-of-range value
+    does not survive the round trip unchanged. The comparison runs in the values' own float type, not in
+    numpy's promotion of the pair (float64 for int32 x float32: slower), and is exact, since an integral
+    value the integer type holds survives both casts. Float positions ``excused`` (lead entries) may differ.
+    """
+    for dtype in COUNT_DTYPES:
+        if values.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                counts = values.astype(dtype)
+            same = np.equal(counts.astype(values.dtype), values)
+            same[excused] = True
+            if same.all():
+                return counts
+        elif values.dtype.kind in "iu":  # lead entries included: a marker out of range only widens the type
+            info = np.iinfo(dtype)
+            if info.min <= values.min() and values.max() <= info.max:
+                return values.astype(dtype)
+    return None
+
+
+def _narrowest(counts: np.ndarray) -> np.ndarray:
+    """Validated counts (integral, 1..2**31 - 1) in the first of ``COUNT_DTYPES`` that holds them."""
+    largest = counts.max(initial=0)
+    return counts.astype(next(t for t in COUNT_DTYPES if largest <= np.iinfo(t).max))
 
 
 def _lead_entries(offsets: np.ndarray, lead: int) -> np.ndarray:
@@ -253,7 +272,7 @@ def validate(
         cell_ids=[cell_ids[i] for i in rows],
         offsets=new_offsets,
         genes=(genes if all_kept else genes[keep]).astype(np.int32),
-        counts=(safe if all_kept else safe[keep]).astype(np.int32),
+        counts=_narrowest(safe if all_kept else safe[keep]),
         metadata={col: [metadata[col][i] for i in rows] for col in METADATA_COLUMNS},
         cells_in=n,
         rejected={k: v for k, v in rejected.items() if v},

@@ -22,16 +22,20 @@ from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS, GENE_PAD, ExpressionTokens
 
 
 def pad_cells(genes: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
-    """Ragged per-cell arrays -> (gene ids int64 [B, N], counts [B, N] in their own dtype, valid bool [B, N]).
+    """Ragged per-cell arrays -> (gene ids int64 [B, N], counts [B, N], valid bool [B, N]).
 
-    Integer counts (MDS stores int32) stay integers: the quantile binning ranks them with a histogram.
+    Integer counts stay integers, at least int32 (MDS stores uint16 or int32 per cell, and torch has few ops
+    for uint16): the quantile binning ranks them with a histogram. Other counts become float32.
     """
     lengths = np.fromiter((len(g) for g in genes), dtype=np.int64, count=len(genes))
     width = int(lengths.max(initial=0))
     valid = np.arange(width)[None, :] < lengths[:, None]
     flat_counts = np.concatenate(counts)
     gene_ids = np.full((len(genes), width), GENE_PAD, dtype=np.int64)
-    values = np.zeros((len(genes), width), dtype=flat_counts.dtype if flat_counts.dtype.kind in "iu" else np.float32)
+    integer = flat_counts.dtype.kind in "iu"
+    values = np.zeros(
+        (len(genes), width), dtype=np.promote_types(flat_counts.dtype, np.int32) if integer else np.float32
+    )
     if width:
         gene_ids[valid] = np.concatenate(genes)  # row-major fill: cell by cell, in order
         values[valid] = flat_counts

@@ -15,7 +15,8 @@ The files are the ones MDSWriter writes for the same samples (mosaicml-streaming
   column-name order;
 * ``str`` = utf-8; ``ndarray:<dtype>`` (fixed dtype, dynamic shape) = one byte ``ndim << 2 | w`` with ``w``
   the width code of the smallest unsigned int holding the shape (0: uint8 ... 3: uint64), the shape in that
-  type, then the raw values;
+  type, then the raw values; ``ndarray`` (dynamic dtype and shape) = the same, led by one byte naming the
+  values' dtype;
 * a shard is cut before the sample that would take it past ``size_limit`` (counting 8 bytes + the config per
   shard and 4 bytes per sample), the same greedy rule as MDSWriter, empty-shard corner case included;
 * compression through Streaming's own ``compress``; ``index.json`` is MDSWriter's, key for key.
@@ -30,8 +31,8 @@ copy in memory. zstd's multi-threaded format does not depend on the thread count
 ones Streaming's own ``compress`` (python-zstd, also multi-threaded) writes; other codecs go through that
 ``compress``.
 
-Only the encodings the DDSC schema uses are supported (``str`` and fixed-dtype ``ndarray``); others are
-refused at construction.
+Only the encodings the DDSC schema uses are supported (``str``, ``ndarray`` and ``ndarray:<dtype>``, any
+shape); others are refused at construction.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ import numpy as np
 import zstandard
 from streaming.base.compression import compress, get_compression_extension, is_compression
 from streaming.base.format.index import get_index_basename
+from streaming.base.format.mds.encodings import NDArray
 
 FORMAT = "mds"
 SAMPLE_OVERHEAD = 4  # MDSWriter.extra_bytes_per_sample: the sample's offset in the shard header
 ZSTD_DEFAULT_LEVEL = 3  # Streaming's level for "zstd"
 _SHAPE_WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)
+ZSTD_ONE_SHOT_MAX = 512 << 10  # libzstd's ZSTDMT_JOBSIZE_MIN: smaller inputs are compressed on one thread
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,21 @@ class Ragged:
 
 
 @lru_cache(maxsize=1 << 16)
-def _shape_header(length: int) -> bytes:
-    """The ``ndarray`` prefix of a 1-D array of ``length`` values (lengths repeat, so they are cached)."""
+def _shape_header(length: int, dtype_code: bytes) -> bytes:
+    """The ``ndarray`` prefix of a 1-D array of ``length`` values (lengths repeat, so they are cached);
+    ``dtype_code`` leads it in a dynamic-dtype column (``b""`` in a fixed-dtype one)."""
     width = next(i for i, t in enumerate(_SHAPE_WIDTHS) if length <= np.iinfo(t).max)
-    return bytes([1 << 2 | width]) + _SHAPE_WIDTHS[width](length).tobytes()
+    return dtype_code + bytes([1 << 2 | width]) + _SHAPE_WIDTHS[width](length).tobytes()
+
+
+@lru_cache
+def _dtype_code(dtype: np.dtype) -> bytes:
+    """The byte that names ``dtype`` in a dynamic-dtype ``ndarray`` column: the first byte of Streaming's own
+    encoding of such an array (ValueError for a dtype Streaming cannot store)."""
+    try:
+        return NDArray().encode(np.zeros(1, dtype))[:1]
+    except (KeyError, ValueError):
+        raise ValueError(f"{dtype} values cannot be stored in an MDS ndarray column") from None
 
 
 def zstd_compressor(compression: str | None, threads: int) -> zstandard.ZstdCompressor | None:
@@ -83,8 +97,13 @@ def zstd_compressor(compression: str | None, threads: int) -> zstandard.ZstdComp
 def write_compressed(
     f: BinaryIO, pieces: list, size: int, compression: str, zstd: zstandard.ZstdCompressor | None
 ) -> None:
-    """Compress the concatenation of ``pieces`` (``size`` bytes) into ``f`` as Streaming's ``compress`` would."""
-    if zstd is None:
+    """Compress the concatenation of ``pieces`` (``size`` bytes) into ``f`` as Streaming's ``compress`` would.
+
+    zstd compresses an input of up to ``ZSTD_ONE_SHOT_MAX`` bytes on one thread whatever the thread count,
+    and there a streamed frame of several blocks can differ from Streaming's one-shot frame (by an empty
+    last block), so such shards are joined (a small copy) and go through ``compress`` too.
+    """
+    if zstd is None or size <= ZSTD_ONE_SHOT_MAX:
         f.write(compress(compression, b"".join(pieces)))
         return
     with zstd.stream_writer(f, size=size, closefd=False) as stream:
@@ -93,13 +112,11 @@ def write_compressed(
 
 
 def _array_dtype(encoding: str) -> np.dtype | None:
-    """``"ndarray:int32"`` -> int32; None for ``"str"``; ValueError for anything this writer cannot encode."""
-    if encoding == "str":
-        return None
+    """``"ndarray:int32"`` -> int32; None for ``"ndarray"`` (dynamic dtype); ValueError for anything else."""
     kind, _, dtype = encoding.partition(":")
-    if kind != "ndarray" or not dtype or ":" in dtype:
-        raise ValueError(f"MDSShardWriter encodes 'str' and 'ndarray:<dtype>' columns only, not {encoding!r}")
-    return np.dtype(dtype)
+    if kind != "ndarray" or ":" in dtype:
+        raise ValueError(f"MDSShardWriter encodes 'str', 'ndarray' and 'ndarray:<dtype>' columns, not {encoding!r}")
+    return np.dtype(dtype) if dtype else None
 
 
 def _encode_strings(column: Sequence[str]) -> tuple[list[list[bytes]], np.ndarray]:
@@ -107,17 +124,21 @@ def _encode_strings(column: Sequence[str]) -> tuple[list[list[bytes]], np.ndarra
     return [encoded], np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
 
 
-def _encode_arrays(name: str, column: Ragged, dtype: np.dtype) -> tuple[list[list], np.ndarray]:
-    """Per row: the shape header and a zero-copy view of the row's values."""
-    if column.values.dtype != dtype:
+def _encode_arrays(name: str, column: Ragged, dtype: np.dtype | None) -> tuple[list[list], np.ndarray]:
+    """Per row: the header and a zero-copy view of the row's values (``dtype`` None: the values' own)."""
+    if dtype is not None and column.values.dtype != dtype:
         raise ValueError(f"column {name!r}: expected {dtype} values, got {column.values.dtype}")
+    try:
+        code = b"" if dtype is not None else _dtype_code(column.values.dtype)
+    except ValueError as err:
+        raise ValueError(f"column {name!r}: {err}") from None
     starts, ends = np.asarray(column.starts, dtype=np.int64), np.asarray(column.ends, dtype=np.int64)
     lengths = ends - starts
     if len(lengths) and lengths.min() <= 0:
         raise ValueError(f"column {name!r}: row {int(np.argmin(lengths))} is empty (MDS cannot encode it)")
     values = memoryview(np.ascontiguousarray(column.values)).cast("B")
-    item = dtype.itemsize
-    headers = [_shape_header(length) for length in lengths.tolist()]
+    item = column.values.dtype.itemsize
+    headers = [_shape_header(length, code) for length in lengths.tolist()]
     rows = [values[a:b] for a, b in zip((starts * item).tolist(), (ends * item).tolist(), strict=True)]
     header_sizes = np.fromiter(map(len, headers), dtype=np.int64, count=len(headers))
     return [headers, rows], header_sizes + lengths * item
@@ -155,7 +176,8 @@ class MDSShardWriter:
         if not columns:
             raise ValueError("no columns")
         self.names = sorted(columns)
-        self.dtypes = [_array_dtype(columns[name]) for name in self.names]
+        self.encodings = [columns[name] for name in self.names]
+        self.dtypes = [None if e == "str" else _array_dtype(e) for e in self.encodings]
         self.config = {
             "version": 2,
             "format": FORMAT,
@@ -163,7 +185,7 @@ class MDSShardWriter:
             "hashes": [],
             "size_limit": size_limit,
             "column_names": self.names,
-            "column_encodings": [columns[name] for name in self.names],
+            "column_encodings": self.encodings,
             "column_sizes": [None] * len(self.names),  # both encodings are variable-size
         }
         self.config_data = json.dumps(self.config, sort_keys=True).encode("utf-8")
@@ -220,9 +242,9 @@ class MDSShardWriter:
             raise KeyError(f"batch lacks column(s) {sorted(missing)}")
         pieces_per_column: list[list] = []  # per column, one list (str) or two (ndarray header, values)
         sizes = []
-        for name, dtype in zip(self.names, self.dtypes, strict=True):
+        for name, encoding, dtype in zip(self.names, self.encodings, self.dtypes, strict=True):
             pieces, column_sizes = (
-                _encode_strings(columns[name]) if dtype is None else _encode_arrays(name, columns[name], dtype)
+                _encode_strings(columns[name]) if encoding == "str" else _encode_arrays(name, columns[name], dtype)
             )
             pieces_per_column += pieces
             sizes.append(column_sizes)
