@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ddsc.data.anndata_source import AnnDataSource, convert_anndata
-from ddsc.data.mds_args import add_write_arguments, write_options
+from ddsc.data.mds_args import add_write_arguments, exit_on_input_error, write_options
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.vocab import GeneVocab
 
@@ -46,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ddsc.data.mds_args import exit_on_input_error
 from ddsc.data.readers import open_counts
 from ddsc.data.vocab import GeneVocab
 
@@ -31,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.data.mds_args import add_write_arguments, write_options
+from ddsc.data.mds_args import add_write_arguments, exit_on_input_error, write_options
 from ddsc.data.tahoe import convert_tahoe
 
 
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

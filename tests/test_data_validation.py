@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -156,6 +159,13 @@ def test_a_bad_file_fails_the_run_without_a_complete_looking_output(tmp_path):
         convert_tahoe(str(data), str(tmp_path / "genes.parquet"), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "summary.json").exists()
     assert not (tmp_path / "out" / "train" / "index.json").exists()
+    # The script ends the same way with one line naming the file (after the progress bar), not a traceback.
+    script = Path(__file__).resolve().parents[1] / "data_prep" / "tahoe_to_mds.py"
+    args = ["--input", str(data), "--gene-metadata", str(tmp_path / "genes.parquet"), "--out", str(tmp_path / "cli")]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert last.startswith(f"error: {data / 'b.parquet'}: ") and "not a parquet file" in last
 
 
 def test_parse_drugname_drugconc():
