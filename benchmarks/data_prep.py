@@ -6,7 +6,8 @@ On a generated Tahoe-format shard of realistic size (default 28k cells x ~2,000 
   2. 1 -> 2 worker scaling on two such files (ideal 2.0; limited by the machine's free cores: one worker
      already uses every core it is given, see below);
   3. peak RSS of a worker process converting 1x and `--scale`x as many cells in one file (target < 1.5 GB,
-     flat), against the RSS of a process that only imports the converter;
+     flat), against the RSS of a process that only imports the converter, and the `--scale`x file's
+     conversion rate against the read (start-up and the last shard's compression amortised);
   4. the same 1-worker ratio for each of `--compressions` (zstd = level 3, Streaming's default, and none),
      and for each zstd level the rate of the codec alone re-compressing the raw shards the 1-worker run
      wrote (the converter's own compressor and threads: the codec's own bound on the ratio of item 1) and
@@ -197,6 +198,7 @@ def main() -> None:
         f"peak_rss_mb_worker_{args.scale}x": round(large["peak_rss_mb"]),
         f"rss_ratio_{args.scale}x_vs_1x": round(large["peak_rss_mb"] / max(r["peak_rss_mb"] for r in ones), 3),
         f"convert_cells_per_s_{args.scale}x": round(rate(large)),
+        f"ratio_convert_vs_pyarrow_read_{args.scale}x": round(rate(large) / rate(read), 3),  # the median pair's read
     }
     print(json.dumps(report, indent=1))
 

@@ -64,8 +64,8 @@ class CellSource(Protocol):
 @dataclass(frozen=True)
 class WriteOptions:
     split: SplitSpec = SplitSpec()
-    # zstd level 1, not Streaming's level 3: compression bounds a worker, and level 1 runs 1.6x faster for
-    # shards 5% (mouse10k) to 18% (synthetic) larger (benchmarks/data_prep.py). Readers decompress either;
+    # zstd level 1, not Streaming's level 3: compression bounds a worker, and level 1 runs 1.4-1.8x faster for
+    # shards 7% (mouse10k) to 21% (synthetic) larger (benchmarks/data_prep.py). Readers decompress either;
     # "zstd" (level 3) is one option away.
     compression: str = "zstd:1"
     shard_size: int = 1 << 26  # bytes of uncompressed samples per shard (Streaming's default, 64 MiB)

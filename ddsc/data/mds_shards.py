@@ -21,9 +21,9 @@ The files are the ones MDSWriter writes for the same samples (mosaicml-streaming
   shard and 4 bytes per sample), the same greedy rule as MDSWriter, empty-shard corner case included;
 * compression through Streaming's own ``compress``; ``index.json`` is MDSWriter's, key for key.
 
-Compressing a shard costs more than reading and encoding its cells (zstd level 3 runs at about 150-200 MB/s
-of raw shard bytes here, about 2.5x the time pyarrow takes to read those cells), so it runs on a background
-thread: zstd and the file write release the GIL and overlap with reading and encoding the next shard. One
+Compressing a shard is the largest single cost of a conversion (zstd level 1 on two threads takes 0.5-0.8x
+the time pyarrow takes to read those cells, level 3 0.9-1.2x; benchmarks/data_prep.py), so it runs on a
+background thread: zstd and the file write release the GIL and overlap with reading and encoding the next shard. One
 shard at most is in flight, so memory stays bounded at about two shards. zstd shards are streamed through
 ``zstandard`` on the worker's share of the cores straight from the encoded batch buffers into the file: no 64 MB
 shard copy (a fresh allocation per shard, whose page faults cost as much as the copy) and no compressed
