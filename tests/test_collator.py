@@ -50,6 +50,16 @@ def test_short_cells_keep_order_and_padding():
     assert torch.equal(batch["attention_mask"][:, 1:], batch["real"][:, 1:]) and batch["attention_mask"][:, 0].all()
 
 
+@pytest.mark.parametrize("dtypes", [(np.uint16, np.uint16, np.uint16), (np.uint16, np.int32, np.uint16)])
+def test_counts_stored_as_uint16_or_int32_give_the_same_batch(dtypes):
+    """MDS stores counts as uint16 (int32 for a batch with a larger count): the batch must not depend on it."""
+    rng = np.random.default_rng(4)
+    cells = [make_cell(rng, n) for n in (5, 9, 3)]
+    stored = [cell | {"counts": cell["counts"].astype(dtype)} for cell, dtype in zip(cells, dtypes, strict=True)]
+    expected, got = (CellCollator(max_length=6, binning=BINNING, seed=0)(c) for c in (cells, stored))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_long_cells_get_a_uniform_random_subset_binned_on_the_whole_cell():
     rng = np.random.default_rng(1)
     cell = make_cell(rng, 40)
