@@ -7,7 +7,27 @@ every pre-norm block through adaLN-Zero (DiT, Peebles & Xie 2023): shift/scale a
 gate on each residual branch, all produced by a zero-initialised linear map, so every block starts as the
 identity. With no conditions at all the vector is zero and the modulation reduces to learned constants (the
 linear map's bias), which is still a valid adaLN-Zero block. The output head maps to the ``K`` expression bins
-only (MDLM's SUBS parameterisation never predicts the mask) and always runs in float32.
+only (MDLM's SUBS parameterisation never predicts the mask).
+
+Precision. The same code runs with float32 parameters under autocast (DDP, CPU, the fp32 engines) and with
+bf16 parameters (FSDP/HSDP mixed precision hands each block bf16 unsharded weights; DeepSpeed's bf16 mode
+casts the module), with or without autocast around it:
+
+- The residual stream is float32: the embeddings are summed in float32 and every branch is added into a
+  float32 stream. (FSDP2 casts the floating-point inputs of each wrapped module, a block's ``x`` and ``c``
+  and the DiT's ``t``, to the parameter dtype on entry; that rounding is the mixed-precision policy's.)
+- Every matmul over positions gets its input in its weight's dtype (``_in_dtype_of``): a no-op for float32
+  weights, where autocast (if on) picks bf16, and the required cast for bf16 weights.
+- Float32 islands (``Float32Linear``): the adaLN maps, the time embedding and the output head compute in
+  float32 with autocast off, on float32 copies of their weights. They see one row per cell (the head: one
+  per position, but only ``K`` outputs), so this costs little, and it keeps the modulation, the gates and the
+  logits (hence the log-softmax of the loss) out of bf16. With float32 parameters the copies are free; with
+  bf16 parameters the weights are bf16-rounded, but products and sums are float32. They are ``nn.Linear``
+  modules (same state-dict keys), so DeepSpeed ZeRO-3's per-module gather hooks still fire.
+
+``fsdp_wrap_fn`` / ``activation_checkpointing_fn`` are defined here, on the module Composer hands to FSDP (it
+reads them from the ``ComposerModel``'s children): each ``DiTBlock`` is its own FSDP unit and, when asked,
+its own activation-checkpointing unit.
 """
 
 from __future__ import annotations
@@ -26,14 +46,23 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass over x
 
 
-def adaln_float32(adaln: nn.Module, c: Tensor) -> Tensor:
-    """An adaLN map applied in float32, also under autocast.
+class Float32Linear(nn.Linear):
+    """A linear map computed in float32 whatever the parameter dtype and the autocast state (see above)."""
 
-    The map sees one row per cell, so low precision saves no time, while autocast would cast its large
-    weight (6 d^2 per block, a third of its parameters) to bf16 and its gradient back on every step.
-    """
-    with torch.autocast(device_type=c.device.type, enabled=False):
-        return adaln(c.float())
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def _in_dtype_of(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``x`` in ``layer``'s weight dtype: bf16 weights (FSDP / DeepSpeed mixed precision) need bf16 inputs."""
+    return x.to(layer.weight.dtype)
+
+
+def adaln_map(d_model: int, outputs: int) -> nn.Sequential:
+    """SiLU then a float32 linear map to ``outputs * d_model`` modulation values (zero-initialised by the DiT)."""
+    return nn.Sequential(nn.SiLU(), Float32Linear(d_model, outputs * d_model))
 
 
 class Attention(nn.Module):
@@ -48,7 +77,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(_in_dtype_of(x, self.qkv)).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -67,12 +96,13 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Dropout(cfg.dropout), nn.Linear(hidden, d)
         )
-        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.adaln = adaln_map(d, 6)
 
     def forward(self, x: Tensor, c: Tensor, key_mask: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_float32(self.adaln, c)[:, None, :].chunk(6, dim=-1)
-        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), key_mask))
-        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c.float())[:, None, :].chunk(6, dim=-1)
+        x = torch.addcmul(x.float(), gate1, self.attn(modulate(self.norm1(x), shift1, scale1), key_mask))
+        h = modulate(self.norm2(x), shift2, scale2)
+        return torch.addcmul(x, gate2, self.mlp(_in_dtype_of(h, self.mlp[0])))
 
 
 class TimeEmbedding(nn.Module):
@@ -81,7 +111,7 @@ class TimeEmbedding(nn.Module):
     def __init__(self, d_model: int, frequencies: int = 256):
         super().__init__()
         self.frequencies = frequencies
-        self.mlp = nn.Sequential(nn.Linear(frequencies, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.mlp = nn.Sequential(Float32Linear(frequencies, d_model), nn.SiLU(), Float32Linear(d_model, d_model))
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.frequencies // 2
@@ -108,8 +138,8 @@ class DiT(nn.Module):
         self.time_embedding = TimeEmbedding(d) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.head = nn.Linear(d, cfg.num_bins)
+        self.final_adaln = adaln_map(d, 2)
+        self.head = Float32Linear(d, cfg.num_bins)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,12 +190,12 @@ class DiT(nn.Module):
         t: Tensor | None = None,
     ) -> Tensor:
         """Final normed, modulated hidden states float32 [B, L, D] (cell embedding: ``[:, 0]`` or a mean-pool)."""
-        x = self.gene_embedding(gene_ids) + self.expr_embedding(expr)
+        x = self.gene_embedding(gene_ids).float() + self.expr_embedding(expr).float()
         c = self.condition(gene_ids.shape[0], gene_ids.device, cond, t)
         key_mask = attention_mask[:, None, None, :]
         for block in self.blocks:
             x = block(x, c, key_mask)
-        shift, scale = adaln_float32(self.final_adaln, c)[:, None, :].chunk(2, dim=-1)
+        shift, scale = self.final_adaln(c.float())[:, None, :].chunk(2, dim=-1)
         return modulate(self.final_norm(x), shift, scale).float()
 
     def forward(
@@ -176,9 +206,15 @@ class DiT(nn.Module):
         cond: Tensor | None = None,
         t: Tensor | None = None,
     ) -> Tensor:
-        h = self.hidden(gene_ids, expr, attention_mask, cond, t)
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.head(h)
+        return self.head(self.hidden(gene_ids, expr, attention_mask, cond, t))
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """Shard per transformer block (FSDP1, FSDP2, HSDP): only one block's weights are gathered at a time."""
+        return isinstance(module, DiTBlock)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Recompute each block's activations in the backward pass (``parallelism.activation_checkpointing``)."""
+        return isinstance(module, DiTBlock)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         params = sum(p.numel() for p in self.parameters())

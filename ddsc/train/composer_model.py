@@ -8,8 +8,6 @@ evaluations score the same noise and their differences are the model's, not the 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from composer.models import ComposerModel
 from torchmetrics import Metric
@@ -17,12 +15,11 @@ from torchmetrics import Metric
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.masked_diffusion import DiffusionOutput, MaskedDiffusion
 from ddsc.model.config import ModelConfig
-from ddsc.model.dit import DiT, DiTBlock
+from ddsc.model.dit import DiT
+from ddsc.precision import autocast
 from ddsc.train.metrics import NELBO, MaskedAccuracy, MaskedAccuracyPM1, MaskedCE
 
 EVAL_SEED = 1234
-
-MODEL_INPUTS = ("gene_ids", "expr", "counts", "real", "attention_mask", "cond")
 
 
 def _metrics() -> dict[str, Metric]:
@@ -35,7 +32,12 @@ def _metrics() -> dict[str, Metric]:
 
 
 class DDSCComposerModel(ComposerModel):
-    """``model`` is the DiT (exported as is); ``autocast_dtype`` enables bf16 autocast on CPU (see builders)."""
+    """``model`` is the DiT (exported as is; it also tells Composer how to shard and checkpoint it).
+
+    ``autocast_dtype`` turns on autocast around the loss where the engine does not (Composer runs its own
+    autocast on GPU, so there it is None; on CPU, and in the DeepSpeed engine, this wrapper does it), always
+    for the device type of the batch.
+    """
 
     def __init__(
         self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, autocast_dtype: torch.dtype | None = None
@@ -49,13 +51,8 @@ class DDSCComposerModel(ComposerModel):
         self.val_metrics = _metrics()
         self._eval_batches = 0
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.autocast_dtype)
-
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> DiffusionOutput:
-        with self._autocast():
+        with autocast(batch["gene_ids"].device.type, self.autocast_dtype):
             return self.diffusion.loss(self.model, batch, generator=generator)
 
     def loss(self, outputs: DiffusionOutput, batch: dict) -> torch.Tensor:
@@ -82,10 +79,3 @@ class DDSCComposerModel(ComposerModel):
         """Training FLOPs (forward + backward) of one batch, for the speed monitor's MFU."""
         batch_size, length = batch["gene_ids"].shape
         return float(self.model.flops_per_token(length) * batch_size * length)
-
-    def fsdp_wrap_fn(self, module: torch.nn.Module) -> bool:
-        """Shard per transformer block (FSDP1 and FSDP2), so only one block's weights are gathered at once."""
-        return isinstance(module, DiTBlock)
-
-    def activation_checkpointing_fn(self, module: torch.nn.Module) -> bool:
-        return isinstance(module, DiTBlock)

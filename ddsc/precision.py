@@ -1,0 +1,59 @@
+"""Numeric precision per device: which autocast dtype is worth it here, and the GPU's TF32 setting.
+
+On GPU, bf16 is always the fast choice. On CPU it depends on the processor: with AMX a bf16 matmul is several
+times faster than float32; with AVX-512 BF16 but no AMX it was measured 2x *slower* (162 vs 327 GFLOP/s on a
+2-core development machine). So ``precision: auto`` on CPU measures once per process (about 0.2 s) instead of
+assuming, and in a distributed run every rank takes rank 0's answer: ranks that disagreed would train on
+different numerics.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as tdist
+
+# Shapes of one DiT matmul at the demo's size (positions x d_model x 4 d_model): the size that matters on CPU.
+_PROBE_SHAPE = (1024, 256, 1024)
+BF16_MIN_SPEEDUP = 1.1  # bf16 must be clearly faster: it also costs casts and precision
+
+
+def _matmul_seconds(dtype: torch.dtype, repeats: int) -> float:
+    m, k, n = _PROBE_SHAPE
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    torch.mm(a, b)  # warm-up (kernel selection, packing buffers)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_bf16_speedup(repeats: int = 5) -> float:
+    """fp32 / bf16 time of the same CPU matmul (>1: bf16 is faster), best of ``repeats``, measured once."""
+    fp32, bf16 = _matmul_seconds(torch.float32, repeats), _matmul_seconds(torch.bfloat16, repeats)
+    return fp32 / bf16
+
+
+def cpu_prefers_bf16() -> bool:
+    """Whether bf16 autocast pays on this CPU; the same answer on every rank of a process group."""
+    choice = [cpu_bf16_speedup() >= BF16_MIN_SPEEDUP]
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.broadcast_object_list(choice, src=0)
+    return bool(choice[0])
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast to ``dtype`` on ``device_type``, the type of the data's device (never a literal); None: off."""
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions on Ampere+ GPUs, as Composer's GPU device sets it."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
