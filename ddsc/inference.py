@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,7 @@ from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.samplers import sample
 from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
+from ddsc.precision import autocast
 
 ImputeMethod = Literal["argmax", "ancestral", "first_hitting", "confidence"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -324,9 +325,7 @@ class Predictor:
         )
 
     def _autocast(self) -> AbstractContextManager:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device.type, self.autocast_dtype)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)

@@ -20,7 +20,7 @@ from ddsc.config import ConfigError, load_config
 from ddsc.model.checkpoints import read_model_state
 from ddsc.model.hf import DDSCModel
 from ddsc.train.config import RunConfig
-from ddsc.train.deepspeed_engine import check_deepspeed, deepspeed_config
+from ddsc.train.deepspeed_engine import DeepSpeedPrecision, check_deepspeed, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = ["parallelism.engine=deepspeed", "trainer.max_duration=8ba", "trainer.eval_interval=8ba"]
@@ -46,13 +46,16 @@ def test_zero1_one_rank_matches_composer_engine(tiny, tmp_path):
     buffers; torch: per-tensor norms), so the clip coefficient differs in its last bits. Without clipping the
     two engines agree bitwise (checked by hand: max |diff| = 0); with it, measured 1.8e-6 after 8 batches.
     """
+    fp32 = "trainer.precision=fp32"  # bf16 differs by design: autocast in Composer, bf16 weights in ZeRO
     composer = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), str(tiny), f"trainer.save_folder={tmp_path / 'c'}",
-         "trainer.max_duration=8ba"],
+         "trainer.max_duration=8ba", fp32],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},  # as torchrun: same kernels
     )  # fmt: skip
     assert composer.returncode == 0, composer.stderr[-3000:]
-    torchrun(tiny, 29741, *DEEPSPEED, "parallelism.zero_stage=1", f"trainer.save_folder={tmp_path / 'd'}", nproc=1)
+    torchrun(
+        tiny, 29741, *DEEPSPEED, "parallelism.zero_stage=1", fp32, f"trainer.save_folder={tmp_path / 'd'}", nproc=1
+    )
     ours, reference = read_model_state(tmp_path / "d"), read_model_state(tmp_path / "c" / "ep0-ba8-rank0.pt")
     assert ours.keys() == reference.keys()
     gap = max((ours[k] - reference[k]).abs().max().item() for k in ours)
@@ -68,8 +71,8 @@ def test_zero3_two_ranks_checkpoint_resume_and_export(tiny, tmp_path, capsys):
     done = torchrun(tiny, 29742, *args, "trainer.save_interval=2ba", f"trainer.save_folder={run}")
     assert sorted(p.name for p in run.glob("ba*")) == ["ba6", "ba8"]  # keep-last-2 removed ba2 and ba4
     assert sorted(p.name for p in (run / "ba8").glob("*optim_states.pt")) == [
-        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
-    ]  # each rank saved its own ZeRO-3 partition
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+    ]  # each rank saved its own ZeRO-3 partition, of a bf16 module (amp_bf16: DeepSpeed's bf16 section)
     assert done.stdout.count("trained 8 batches (64 cells)") == 1  # the summary, from rank 0 only
 
     # Resume from batch 6 (as after a crash there): batches 7-8 replay the same data, noise and LR.
@@ -95,7 +98,7 @@ def test_zero3_two_ranks_checkpoint_resume_and_export(tiny, tmp_path, capsys):
 
 def test_deepspeed_config_and_early_errors(tiny):
     config = load_config(RunConfig, tiny, ["parallelism.engine=deepspeed", "parallelism.zero_stage=3"])
-    ds = deepspeed_config(config, world_size=2)
+    ds = deepspeed_config(config, world_size=2, precision=DeepSpeedPrecision())
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         8,
         4,
@@ -103,7 +106,12 @@ def test_deepspeed_config_and_early_errors(tiny):
     )
     assert ds["zero_optimization"] == {"stage": 3} and ds["gradient_clipping"] == 1.0
     offload = load_config(RunConfig, tiny, ["parallelism.engine=deepspeed", "parallelism.offload_optimizer=true"])
-    assert deepspeed_config(offload, world_size=1)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (
+        deepspeed_config(offload, world_size=1, precision=DeepSpeedPrecision())["zero_optimization"][
+            "offload_optimizer"
+        ]["device"]
+        == "cpu"
+    )
     bad = {
         "parallelism.offload_params=true": "offload_params: needs zero_stage 3",
         "trainer.max_duration=2ep": "trainer.max_duration: the deepspeed engine needs a duration in batches",
@@ -113,4 +121,6 @@ def test_deepspeed_config_and_early_errors(tiny):
         with pytest.raises(ConfigError, match=message):
             check_deepspeed(load_config(RunConfig, tiny, ["parallelism.engine=deepspeed", override]))
     with pytest.raises(ConfigError, match="device_train_microbatch_size=3 must divide the per-rank batch 8"):
-        deepspeed_config(load_config(RunConfig, tiny, ["trainer.device_train_microbatch_size=3"]), world_size=1)
+        deepspeed_config(
+            load_config(RunConfig, tiny, ["trainer.device_train_microbatch_size=3"]), 1, DeepSpeedPrecision()
+        )

@@ -26,6 +26,7 @@ from composer.optim import (
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
 from ddsc.config import ConfigError, to_dict
+from ddsc.precision import cpu_prefers_bf16
 from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
 
 
@@ -39,11 +40,13 @@ def resolve_device(trainer: TrainerConfig) -> str:
 
 
 def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.dtype | None]:
-    """(precision handed to the engine, dtype the model wrapper autocasts to itself).
+    """(precision handed to Composer, dtype the model wrapper autocasts to itself).
 
-    On GPU Composer runs ``amp_bf16`` itself. Composer refuses any precision but fp32 on CPU, although CPU bf16
-    autocast is several times faster than fp32 matmuls on recent x86 cores, so on CPU the engine runs "fp32"
-    and ``DDSCComposerModel.forward`` autocasts to bf16 (weights, optimizer state and the loss stay fp32).
+    On GPU Composer runs ``amp_bf16`` itself: autocast, and under FSDP bf16 parameters in the forward (its
+    ``mixed_precision: DEFAULT``). Composer refuses any precision but fp32 on CPU, so there the engine runs
+    "fp32" and ``DDSCComposerModel.forward`` autocasts to bf16 (weights, optimizer state and the loss stay
+    fp32): always for ``amp_bf16``, and for ``auto`` only where this CPU's bf16 matmuls are measured faster
+    (``ddsc.precision``). Call it after the process group exists, so every rank makes the same choice.
     """
     want = trainer.precision
     if device == "gpu":
@@ -52,7 +55,7 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
         return want, None
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: amp_fp16 needs a GPU (use amp_bf16 or auto on CPU)")
-    if want in ("auto", "amp_bf16"):
+    if want == "amp_bf16" or (want == "auto" and cpu_prefers_bf16()):
         return "fp32", torch.bfloat16
     return "fp32", None
 

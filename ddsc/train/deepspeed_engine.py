@@ -12,11 +12,20 @@ The learning rate follows ``builders.lr_multiplier`` (the Composer scheduler's c
 Checkpoints are DeepSpeed's own (``save_folder/ba{N}/`` tag folders + ``latest``); the ``StreamingDataLoader``
 state and the batch counter travel in ``client_state`` so an autoresumed run continues the same sample order,
 noise and LR. ``ddsc export`` reads these folders (``zero_to_fp32``) with the ``config.yaml`` beside them.
-On CPU, as in the Composer engine, DeepSpeed runs fp32 and the model wrapper autocasts to bf16.
+
+Precision (``deepspeed_precision``) is one policy on every device, so the CPU suite runs the GPU's path: with
+bf16 (``amp_bf16``, or ``auto`` where bf16 is fast) and ZeRO stage 2 or 3, DeepSpeed's ``bf16`` section holds
+the module in bf16 while ZeRO keeps float32 master weights, accumulates gradients and reduces them in float32
+(the DiT keeps its float32 islands itself, see ``ddsc.model.dit``). At stages 0 and 1 the engine keeps float32
+weights and the model wrapper autocasts instead, as Composer's DDP does: DeepSpeed routes bf16 there through
+its fp16 wrapper (stage 0) or, with float32 gradient accumulation, its ``BF16_Optimizer`` (stage 1), whose
+checkpoints its own ``zero_to_fp32`` cannot read ("is not a zero checkpoint"), so they could not be exported. On GPU the CUDA device is set from ``LOCAL_RANK``
+before any collective, TF32 is enabled as Composer's GPU device does, and metric state lives on the device.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ from typing import Any
 import torch
 
 from ddsc.config import ConfigError
+from ddsc.precision import cpu_prefers_bf16, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
 from ddsc.train.config import RunConfig
 from ddsc.train.metric_log import MetricLog
@@ -34,8 +44,32 @@ from ddsc.train.trainer import TrainSummary
 TAG_PREFIX = "ba"
 
 
-def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config: batch sizes, ZeRO stage and offload, gradient clipping (precision: see above)."""
+@dataclass(frozen=True)
+class DeepSpeedPrecision:
+    """How the engine runs bf16: DeepSpeed's bf16 section (bf16 module, fp32 master weights) or autocast."""
+
+    bf16_section: bool = False
+    autocast_dtype: torch.dtype | None = None
+
+
+def deepspeed_precision(config: RunConfig, device: str) -> DeepSpeedPrecision:
+    """``trainer.precision`` for this engine on ``device`` ("cpu" or "gpu"); see the module docstring."""
+    want = config.trainer.precision
+    if want == "amp_fp16":
+        raise ConfigError("trainer.precision: the deepspeed engine supports amp_bf16, auto or fp32 (not amp_fp16)")
+    if want == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_prefers_bf16()
+    else:
+        bf16 = want == "amp_bf16"
+    if not bf16:
+        return DeepSpeedPrecision()
+    if config.parallelism.zero_stage <= 1:
+        return DeepSpeedPrecision(autocast_dtype=torch.bfloat16)
+    return DeepSpeedPrecision(bf16_section=True)
+
+
+def deepspeed_config(config: RunConfig, world_size: int, precision: DeepSpeedPrecision) -> dict[str, Any]:
+    """The DeepSpeed JSON config: batch sizes, precision, ZeRO stage and offload, gradient clipping."""
     trainer, par = config.trainer, config.parallelism
     device_batch = trainer.global_train_batch_size // world_size
     micro = trainer.device_train_microbatch_size
@@ -49,7 +83,15 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if par.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    dtypes: dict[str, Any] = {}
+    if precision.bf16_section:
+        dtypes = {
+            "bf16": {"enabled": True},
+            "data_types": {"grad_accum_dtype": "fp32"},  # microbatch gradients summed in float32
+            "communication_data_type": "fp32",  # reduce in float32, as FSDP's mixed precision does
+        }
     return {
+        **dtypes,
         "train_batch_size": trainer.global_train_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": device_batch // micro,
@@ -98,15 +140,17 @@ def _tags(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX) :]))
 
 
-def _autocast_dtype(config: RunConfig, device: str) -> torch.dtype | None:
-    from ddsc.train.builders import resolve_precision
+def _peak_flops(config: RunConfig, precision: DeepSpeedPrecision) -> float | None:
+    """``trainer.peak_flops_per_device``, else the GPU's datasheet peak for the precision (Composer's table)."""
+    if config.trainer.peak_flops_per_device or not torch.cuda.is_available():
+        return config.trainer.peak_flops_per_device
+    from types import SimpleNamespace
 
-    precision, dtype = resolve_precision(config.trainer, device)
-    if device == "gpu":
-        if precision == "amp_fp16":
-            raise ConfigError("trainer.precision: the deepspeed engine supports amp_bf16 or fp32 (not amp_fp16)")
-        return torch.bfloat16 if precision == "amp_bf16" else None
-    return dtype
+    from composer.callbacks.speed_monitor import get_gpu_flops_available
+    from composer.core import Precision
+
+    bf16 = precision.bf16_section or precision.autocast_dtype is not None
+    return get_gpu_flops_available(SimpleNamespace(precision=Precision.AMP_BF16 if bf16 else Precision.FP32)) or None
 
 
 class DeepSpeedRun:
@@ -119,23 +163,28 @@ class DeepSpeedRun:
         from ddsc.train.builders import build_optimizer, resolve_device
         from ddsc.train.composer_model import DDSCComposerModel
         from ddsc.train.run_folder import resolve_save_folder, write_config
-        from ddsc.train.trainer import build_loaders
+        from ddsc.train.trainer import build_loaders, prepare_run
 
-        self.config = config
         trainer = config.trainer
         self.device = resolve_device(trainer)
+        if self.device == "gpu":
+            # Before any collective: NCCL (and all_gather_object) use the current device, cuda:0 by default.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            enable_tf32()
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "gpu" else "gloo")
+        self.config = config = prepare_run(config)
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
         self.eval_every = batches(trainer.eval_interval, "trainer.eval_interval")
         self.save_every = batches(trainer.save_interval, "trainer.save_interval")
         save_folder = resolve_save_folder(config)
         self.save_folder = Path(save_folder) if save_folder else None
-        ds_config = deepspeed_config(config, self.world_size)
+        precision = deepspeed_precision(config, self.device)  # after init: every rank makes the same choice
+        ds_config = deepspeed_config(config, self.world_size, precision)
 
         self.train_loader, self.eval_loader = build_loaders(config, self.world_size)
         reproducibility.seed_all(trainer.seed)  # same initial weights as the Composer engine, on every rank
-        model = DDSCComposerModel(config.model, config.diffusion, _autocast_dtype(config, self.device))
+        model = DDSCComposerModel(config.model, config.diffusion, precision.autocast_dtype)
         optimizer = build_optimizer(config.optimizer, model.parameters())
 
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -147,10 +196,12 @@ class DeepSpeedRun:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
         self.model: DDSCComposerModel = self.engine.module
+        for metric in [*self.model.train_metrics.values(), *self.model.val_metrics.values()]:
+            metric.to(self.engine.device)  # their all-reduce runs on the process group's device (NCCL: CUDA)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.optimizer_name = type(optimizer).__name__
         self.progress = Progress()
-        self.log = MetricLog(config, self.rank)
+        self.log = MetricLog(config, self.rank, self.engine.device, _peak_flops(config, precision))
         if self.save_folder is not None and self.rank == 0:
             write_config(str(self.save_folder), config)
 
@@ -213,7 +264,7 @@ class DeepSpeedRun:
         metrics = self.model.get_metrics(is_train=False)
         for metric in metrics.values():
             metric.reset()
-        limit = self.config.data.eval_subset_num_batches
+        limit = self.config.trainer.eval_subset_num_batches
         for i, batch in enumerate(self.eval_loader):
             if 0 <= limit <= i:
                 break
@@ -268,5 +319,5 @@ class DeepSpeedRun:
 
 
 def train_deepspeed(config: RunConfig) -> TrainSummary:
-    """Train with DeepSpeed (``config`` already resolved by ``ddsc.train.trainer.train``)."""
+    """Train with DeepSpeed (called by ``ddsc.train.trainer.train``)."""
     return DeepSpeedRun(config).fit()

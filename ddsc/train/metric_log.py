@@ -25,13 +25,14 @@ from ddsc.train.config import RunConfig
 class MetricLog:
     """Rank 0 writes; every rank calls ``batch`` (the FLOP count is an all-reduce)."""
 
-    def __init__(self, config: RunConfig, rank: int):
+    def __init__(self, config: RunConfig, rank: int, device: torch.device, peak_flops: float | None):
         trainer = config.trainer
         self.rank = rank
+        self.device = device  # of the FLOP all-reduce: NCCL reduces CUDA tensors only
         self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
         self.console_every = batches(trainer.console_log_interval, "trainer.console_log_interval")
         self.to_console = trainer.log_to_console and rank == 0
-        self.peak_flops = trainer.peak_flops_per_device
+        self.peak_flops = peak_flops
         self.window: deque[tuple[float, int, float]] = deque(maxlen=trainer.speed_window_size + 1)
         self.file = None
         self.wandb = None
@@ -72,7 +73,7 @@ class MetricLog:
 
     def batch(self, batch: int, values: dict[str, float], device_samples: int, device_flops: float) -> None:
         """Log one training batch's metrics with the throughput and MFU of the window ending here."""
-        flops = torch.tensor(device_flops, dtype=torch.float64)
+        flops = torch.tensor(device_flops, dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flops)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -92,6 +93,8 @@ class MetricLog:
             )
             if self.peak_flops:
                 values["throughput/device/mfu"] = flops_per_sec / world / self.peak_flops
+        if self.device.type == "cuda":  # as Composer's MemoryMonitor: gigabytes
+            values["memory/peak_allocated_mem"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.metrics(batch, values)
 
     def close(self) -> None:
