@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddsc.train.trainer import check_data, train
 
         check_data(config)
+        summary = train(config)  # checks what needs the process group (remote vocabularies) before training
     except ConfigError as err:
         print(f"launch/train.py: config error: {err}", file=sys.stderr)
         return 2
-    summary = train(config)
     if os.environ.get("RANK", "0") == "0":
         print(summary.format())
     return 0

@@ -53,6 +53,8 @@ def tiny_config(tmp: Path) -> Path:
             "autoresume": True,
             "progress_bar": False,
             "log_to_console": False,
+            # Explicit, not "auto" (a per-machine measurement): the CPU bf16 path of each engine, on any CPU.
+            "precision": "amp_bf16",
         },
     }
     path = tmp / "tiny.yaml"
@@ -134,3 +136,12 @@ def test_incompatible_resume_and_typos_stop_before_training(run_dir, capsys):
     assert "data.streams.synth: no MDS split 'train'" in capsys.readouterr().err
     assert main([str(config), f"trainer.save_folder={tmp / 'small_vocab'}", "model.gene_vocab_size=50"]) == 2
     assert "model.gene_vocab_size=50 is smaller than the gene vocabulary" in capsys.readouterr().err
+    missing = "file:///nonexistent/labels.json"
+    assert main([str(config), f"data.labels={missing}"]) == 2
+    assert (
+        "data.labels: file:///nonexistent/labels.json is remote; set data.streams.synth.local"
+        in capsys.readouterr().err
+    )
+    cache = f"data.streams.synth.local={tmp / 'cache'}"
+    assert main([str(config), f"data.labels={missing}", cache, f"trainer.save_folder={tmp / 'remote'}"]) == 2
+    assert "config error: data.labels: file:///nonexistent/labels.json not found" in capsys.readouterr().err

@@ -45,14 +45,23 @@ def test_fsdp2_sharded_checkpoint_and_autoresume(tmp_path):
     write_mds(tmp_path / "mds")
     config = tiny_config(tmp_path)
     run = tmp_path / "run"
+    cache = tmp_path / "cache"
     args = [
         f"trainer.save_folder={run}",
         "parallelism.strategy=fsdp",
         "trainer.max_duration=8ba",
         "trainer.eval_interval=8ba",
+        # Vocabularies by URL, as on a fresh node with the data in object storage: local rank 0 fetches them
+        # into the stream's cache while rank 1 waits at the barrier.
+        f"data.streams.synth.local={cache}",
+        f"data.labels=file://{tmp_path / 'mds' / 'labels.json'}",
+        f"data.vocab=file://{tmp_path / 'mds' / 'vocab.json'}",
     ]
     torchrun(config, 29731, *args)
     assert sorted(p.name for p in (run / "ep0-ba8").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("labels.json", "vocab.json"):
+        assert (cache / name).read_bytes() == (tmp_path / "mds" / name).read_bytes()
+    assert not list(cache.glob(".*.partial"))
 
     # Pretend the job died after the batch-4 checkpoint: drop batch 8 and point `latest` back at batch 4.
     resumed = tmp_path / "resumed"

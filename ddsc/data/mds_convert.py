@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ddsc.data.cells import CellBatch
 from ddsc.data.conversion_stats import PartStats, format_summary, merge_labels, summarize
 from ddsc.data.mds_shards import MDSShardWriter, Ragged
-from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS, SUMMARY_FILE
+from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS, SUMMARY_FILE, VOCAB_FILE
 from ddsc.data.splits import SPLITS, SplitSpec, assign_splits
 from ddsc.data.vocab import GeneVocab
 
@@ -278,7 +278,7 @@ def convert(
     for split in SPLITS:
         if (out / split).is_dir():
             merge_split_index(out / split, names)
-    vocab.to_json(out / "vocab.json")
+    vocab.to_json(out / VOCAB_FILE)
     _atomic_write_json(out / LABELS_FILE, merge_labels(parts))
     summary = summarize(
         parts, time.perf_counter() - start, inputs_resumed=resumed, split=asdict(options.split), **(extra or {})

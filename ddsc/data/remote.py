@@ -1,17 +1,26 @@
-"""Input locations: local paths, directories, globs, and fsspec URLs (``hf://``, ``s3://``, ``gs://``, ...).
+"""Remote locations: local paths, directories, globs, and URLs (``hf://``, ``s3://``, ``gs://``, ...).
 
 A thin layer so converters read object storage the same way they read local disk: everything downstream
 takes a file object. Remote protocols need their fsspec backend installed (``huggingface_hub``, ``s3fs``, ...).
 Offline, the tests run ``file://`` and fsspec's in-memory filesystem (``memory://``, a non-local backend,
 with forked workers) through this same code path.
+
+Training also needs local copies of the small files beside its MDS data (``labels.json``, ``vocab.json``):
+Streaming downloads shards, nothing downloads those. ``fetch`` sends the schemes Streaming knows (``s3://``,
+``gs://``, ``oci://``, ``hf://``, ``azure://``, ``dbfs:`` ...) through Streaming's own downloaders, with the
+credentials and settings the shards use, and any other URL through fsspec. A download lands under a temporary
+name and is renamed into place, so no reader sees a partial file and two nodes on one host may fetch at once.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 _GLOB_CHARS = set("*?[")
@@ -19,6 +28,11 @@ _GLOB_CHARS = set("*?[")
 
 def is_url(path: str) -> bool:
     return "://" in path
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for a filesystem path or a URL."""
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
 
 
 def expand_inputs(spec: str, suffix: str) -> list[str]:
@@ -56,3 +70,24 @@ def open_input(path: str) -> Iterator[IO[bytes] | str]:
 
     with fsspec.open(path, "rb") as f:
         yield f
+
+
+def fetch(url: str, dest: Path) -> Path:
+    """Download ``url`` to ``dest``, replacing an older copy. FileNotFoundError when there is no such file."""
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS, CloudDownloader
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        if urllib.parse.urlparse(url).scheme in DOWNLOADER_MAPPINGS:
+            CloudDownloader.direct_download(url, str(partial))
+        else:
+            import fsspec
+
+            with fsspec.open(url, "rb") as src, open(partial, "wb") as out:
+                shutil.copyfileobj(src, out)
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return dest

@@ -44,3 +44,4 @@ COUNT_DTYPES: tuple[type[np.integer], ...] = (np.uint16, np.int32)
 LABELS_FILE = "labels.json"
 LABEL_COLUMNS: tuple[str, ...] = ("cell_line_id", "drug", "dose", "plate", "moa_fine")
 SUMMARY_FILE = "summary.json"
+VOCAB_FILE = "vocab.json"  # the gene vocabulary (token id <-> Ensembl id <-> symbol), also beside the splits

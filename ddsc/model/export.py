@@ -29,6 +29,7 @@ import yaml
 from ddsc.config import load_config, to_dict
 from ddsc.data import tokens as tokens_module
 from ddsc.data.labels import LabelVocab
+from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.vocab import GeneVocab
 from ddsc.model import config as model_config_module
 from ddsc.model import dit as dit_module
@@ -43,8 +44,6 @@ REMOTE_CODE_MODULES = {
     "hf.py": hf_module,
 }
 AUTO_MAP = {"AutoConfig": "hf.DDSCConfig", "AutoModel": "hf.DDSCModel"}
-VOCAB_FILE = "vocab.json"
-LABELS_FILE = "labels.json"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 REQUIRED_FILES = ("config.json", "model.safetensors", VOCAB_FILE, LABELS_FILE)
 
@@ -148,14 +147,6 @@ class ExportSummary:
         )
 
 
-def _default_asset(run, name: str) -> Path | None:
-    """``name`` beside the first stream's splits, where data_prep writes vocab.json / labels.json."""
-    from ddsc.data.streaming import is_remote, stream_root
-
-    root = stream_root(next(iter(run.data.streams.values())))
-    return None if is_remote(root) else Path(root) / name
-
-
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -169,6 +160,7 @@ def export_checkpoint(
     files beside the training data (``data.labels`` for the labels when set).
     """
     from ddsc.model.checkpoints import checkpoint_kind, find_run_config, read_model_state
+    from ddsc.train.assets import fetch_assets, local_path
     from ddsc.train.config import RunConfig
     from ddsc.train.trainer import load_labels, resolve_model_config
 
@@ -177,13 +169,18 @@ def export_checkpoint(
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
     run = load_config(RunConfig, config_path)
-    if labels_path is not None:
-        run = dataclasses.replace(run, data=dataclasses.replace(run.data, labels=str(labels_path)))
+    data = dataclasses.replace(
+        run.data,
+        labels=str(labels_path) if labels_path else run.data.labels,
+        vocab=str(vocab_path) if vocab_path else run.data.vocab,
+    )
+    run = dataclasses.replace(run, data=data)
+    fetch_assets(run)  # remote vocabularies (the data in object storage) into the run's cache folder
     labels = load_labels(run)  # data.labels, else labels.json beside the data when the model has conditions
     run = dataclasses.replace(run, model=resolve_model_config(run.model, labels))
-    vocab_path = vocab_path or _default_asset(run, VOCAB_FILE)
-    if vocab_path is None or not Path(vocab_path).is_file():
-        raise FileNotFoundError(f"gene vocabulary not found ({vocab_path or 'remote data'}); pass --vocab")
+    vocab_path = local_path(run, VOCAB_FILE)
+    if not Path(vocab_path).is_file():
+        raise FileNotFoundError(f"gene vocabulary not found ({vocab_path}); pass --vocab")
     vocab = GeneVocab.from_json(vocab_path)
 
     model = DDSCModel(hf_config_from_run(run))

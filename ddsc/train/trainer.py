@@ -17,8 +17,11 @@ from composer.utils import dist
 from ddsc.config import ConfigError
 from ddsc.data.collator import CellCollator
 from ddsc.data.labels import LabelVocab
-from ddsc.data.streaming import build_dataloader, check_streams, is_remote, stream_root
+from ddsc.data.remote import is_url
+from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
+from ddsc.data.streaming import build_dataloader, check_streams
 from ddsc.model.config import ModelConfig
+from ddsc.train.assets import all_local, fetch_assets, local_path, needed
 from ddsc.train.config import RunConfig
 
 
@@ -36,42 +39,21 @@ class TrainSummary:
         return f"trained {self.batches} batches ({self.samples} cells) in {self.wall_s:.1f}s: " + " ".join(parts)
 
 
-def labels_path(config: RunConfig) -> str | None:
-    """``data.labels``, else ``labels.json`` beside the first stream's splits (where data_prep writes it)."""
-    if config.data.labels:
-        return config.data.labels
-    if not config.model.conditions:
-        return None
-    root = stream_root(next(iter(config.data.streams.values())))
-    if is_remote(root):
-        raise ConfigError("data.labels: set the path of labels.json (conditions need the label vocabulary)")
-    return str(Path(root) / "labels.json")
-
-
-def vocab_path(config: RunConfig) -> str:
-    """``data.vocab``, else ``vocab.json`` beside the first stream's splits (where data_prep writes it)."""
-    if config.data.vocab:
-        return config.data.vocab
-    root = stream_root(next(iter(config.data.streams.values())))
-    if is_remote(root):
-        raise ConfigError("data.vocab: set the path of vocab.json (trainer.hf_export_interval needs it)")
-    return str(Path(root) / "vocab.json")
-
-
 def hf_export_folder(config: RunConfig) -> Path:
     """Where periodic HF exports go: ``save_folder/hf/ba{N}`` (a filesystem path)."""
     from ddsc.train.run_folder import resolve_save_folder
 
     save_folder = resolve_save_folder(config)
-    if save_folder is None or is_remote(save_folder):
+    if save_folder is None or is_url(save_folder):
         raise ConfigError("trainer.hf_export_interval: needs a filesystem trainer.save_folder (exports go to hf/)")
     return Path(save_folder) / "hf"
 
 
 def load_labels(config: RunConfig) -> LabelVocab | None:
-    path = labels_path(config)
-    if path is None:
+    """The label vocabulary (local, or fetched by ``fetch_assets``); None for a model without conditions."""
+    if not config.model.conditions:
         return None
+    path = local_path(config, LABELS_FILE)
     try:
         return LabelVocab.from_json(path)
     except (FileNotFoundError, ValueError) as err:
@@ -147,12 +129,9 @@ def check_gene_vocab(config: RunConfig) -> None:
     index error at the first cell holding a gene beyond it (checked when the vocabulary file is local)."""
     from ddsc.data.vocab import GeneVocab
 
-    try:
-        path = vocab_path(config)
-    except ConfigError:  # remote data without data.vocab: nothing local to check
-        return
-    if is_remote(path) or not Path(path).is_file():
-        return
+    path = local_path(config, VOCAB_FILE)
+    if not Path(path).is_file():
+        raise ConfigError(f"data.vocab: {path} not found (the gene vocabulary data_prep writes beside the splits)")
     needed = len(GeneVocab.from_json(path))
     if needed > config.model.gene_vocab_size:
         raise ConfigError(
@@ -162,9 +141,11 @@ def check_gene_vocab(config: RunConfig) -> None:
 
 
 def check_data(config: RunConfig) -> None:
-    """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists."""
-    from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
+    """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists.
 
+    Checks that need the label or gene vocabulary run here when those files are local; remote ones are
+    fetched once the process group exists, and ``check_run`` then runs in ``train``.
+    """
     check_streams(config.data, config.data.train_split)
     if config.data.eval_split:
         check_streams(config.data, config.data.eval_split)
@@ -172,28 +153,43 @@ def check_data(config: RunConfig) -> None:
         from ddsc.train.deepspeed_engine import check_deepspeed
 
         check_deepspeed(config)
-    resolved = resolve_run_config(config)
-    check_gene_vocab(config)
     if config.trainer.preview_interval and not config.data.eval_split:
         raise ConfigError("trainer.preview_interval: the sampling preview needs data.eval_split (held-out cells)")
     if config.trainer.hf_export_interval:
         hf_export_folder(config)
-        if not Path(vocab_path(config)).is_file():
-            raise ConfigError(f"data.vocab: {vocab_path(config)} not found (trainer.hf_export_interval needs it)")
+    for name in needed(config):
+        local_path(config, name)  # a remote file needs a cache folder
+    if all_local(config):
+        check_run(config)
+
+
+def check_run(config: RunConfig) -> RunConfig:
+    """The resolved config, after the checks that need the vocabularies and the saved run's config."""
+    from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
+
+    resolved = resolve_run_config(config)
+    check_gene_vocab(config)
     save_folder = resolve_save_folder(config)
     if save_folder and config.trainer.autoresume:
         saved = read_saved_config(save_folder)
         if saved is not None:
             check_compatible(saved, resolved)
+    return resolved
 
 
 def train(config: RunConfig) -> TrainSummary:
-    config = resolve_run_config(config)
+    """Train with the configured engine (each creates its process group, then calls ``prepare_run``)."""
     if config.parallelism.engine == "deepspeed":
         from ddsc.train.deepspeed_engine import train_deepspeed
 
         return train_deepspeed(config)
     return _train_composer(config)
+
+
+def prepare_run(config: RunConfig) -> RunConfig:
+    """Once the process group exists: fetch remote vocabularies, check, and resolve the config."""
+    fetch_assets(config)
+    return check_run(config)
 
 
 def _train_composer(config: RunConfig) -> TrainSummary:
@@ -216,13 +212,14 @@ def _train_composer(config: RunConfig) -> TrainSummary:
 
     trainer_cfg, par = config.trainer, config.parallelism
     device = resolve_device(trainer_cfg)
-    precision, autocast_dtype = resolve_precision(trainer_cfg, device)
     world_size = dist.get_world_size()
     parallelism = None
     if world_size > 1 or par.strategy in ("fsdp", "hsdp"):
         # Before the loaders: Streaming registers its shared memory with barriers (racy without a process
         # group), and HSDP's device mesh needs the group too.
         dist.initialize_dist(get_device(device))
+    precision, autocast_dtype = resolve_precision(trainer_cfg, device)  # after the group: one choice for all
+    config = prepare_run(config)
     if par.strategy in ("fsdp", "hsdp"):
         parallelism = build_parallelism(par, world_size, device)
 
@@ -234,7 +231,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         from ddsc.data.vocab import GeneVocab
         from ddsc.train.hf_export_callback import HFExport
 
-        vocab = GeneVocab.from_json(vocab_path(config))
+        vocab = GeneVocab.from_json(local_path(config, VOCAB_FILE))
         export = HFExport(trainer_cfg.hf_export_interval, hf_export_folder(config), config, vocab, load_labels(config))
         callbacks.append(export)
 
@@ -246,7 +243,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     if par.activation_checkpointing and parallelism is None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
+        apply_activation_checkpointing(model.model, check_fn=model.model.activation_checkpointing_fn)
     optimizer = build_optimizer(config.optimizer, model.parameters())
 
     trainer = Trainer(
@@ -254,7 +251,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
         eval_interval=trainer_cfg.eval_interval,
-        eval_subset_num_batches=config.data.eval_subset_num_batches,
+        eval_subset_num_batches=config.trainer.eval_subset_num_batches,
         max_duration=trainer_cfg.max_duration,
         optimizers=optimizer,
         schedulers=build_scheduler(config.scheduler),
