@@ -126,7 +126,7 @@ def composer_run(data, tmp_path_factory):
         model=model,
         train_dataloader=train_loader,
         max_duration="3ba",
-        optimizers=build_optimizer(config.optimizer, model.parameters()),
+        optimizers=build_optimizer(config.optimizer, model, "cpu"),
         schedulers=build_scheduler(config.scheduler),
         callbacks=[SaveResolvedConfig(config, str(save)), export],
         save_folder=str(save),

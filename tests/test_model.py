@@ -59,8 +59,38 @@ def test_padding_never_changes_real_positions():
     torch.testing.assert_close(torch.cat([middle[:, :4], middle[:, 6:]], 1), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_permuting_genes_permutes_outputs():
+@pytest.mark.parametrize("padded", [False, True])
+def test_unpadded_attention_equals_the_masked_reference(padded):
+    """Same weights, same cells: the real-token path gives the masked path's logits and gradients."""
+    unpadded, masked = random_model(time_conditioning=True), random_model(time_conditioning=True, attention="masked")
+    gene_ids, expr, mask = random_batch(batch_size=4, length=11)
+    if padded:
+        mask[1, 6:] = mask[3, 2:5] = False  # a short cell and a hole in the middle of one
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    outputs = {}
+    for name, model in (("unpadded", unpadded), ("masked", masked)):
+        logits = model(gene_ids, expr, mask, t=t)
+        (logits[mask] ** 2).sum().backward()
+        outputs[name] = logits
+    torch.testing.assert_close(outputs["unpadded"][mask], outputs["masked"][mask], rtol=0, atol=1e-5)
+    if padded:
+        assert torch.equal(outputs["unpadded"][~mask], torch.zeros_like(outputs["unpadded"][~mask]))
+    for (name, a), b in zip(unpadded.named_parameters(), masked.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_padded_cell_equals_the_same_cell_alone():
     model = random_model()
+    gene_ids, expr, mask = random_batch(batch_size=3, length=10)
+    mask[1, 4:] = False
+    together = model(gene_ids, expr, mask)
+    alone = model(gene_ids[1:2, :4], expr[1:2, :4], mask[1:2, :4])
+    torch.testing.assert_close(together[1:2, :4], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["unpadded", "masked"])
+def test_permuting_genes_permutes_outputs(attention):
+    model = random_model(attention=attention)
     gene_ids, expr, mask = random_batch()
     mask[0, 7:] = False
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))

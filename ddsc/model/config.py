@@ -8,6 +8,7 @@ Validation errors are plain ``ValueError``; the config loader adds the key path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 ConfigError = ValueError
 
@@ -53,11 +54,16 @@ class ModelConfig:
     gene_vocab_size: int = 62_710  # Tahoe-100M gene_metadata rows (ids 0..2 are specials)
     num_bins: int = 51  # must equal data.binning.num_bins (checked by RunConfig)
     time_conditioning: bool = False  # MDLM's log-linear schedule works without t; optional
+    # "unpadded": position-wise layers on real tokens only, attention without a mask when nothing is padding
+    # (see ``ddsc.model.dit.Layout``); "masked": every position with a key-padding mask (the reference).
+    attention: Literal["unpadded", "masked"] = "unpadded"
     conditions: list[ConditionConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.attention not in ("unpadded", "masked"):
+            raise ConfigError(f"attention: must be 'unpadded' or 'masked', got {self.attention!r}")
         for name in ("d_model", "n_layers", "n_heads", "gene_vocab_size", "num_bins"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")

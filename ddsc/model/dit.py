@@ -33,6 +33,7 @@ its own activation-checkpointing unit.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,63 @@ def adaln_map(d_model: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(), Float32Linear(d_model, outputs * d_model))
 
 
+try:  # optional (the ``flash`` extra): attention over packed real tokens without any padding, CUDA only
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class Layout:
+    """Where a ``[B, L]`` batch's real positions are, computed once per forward (``Layout.of``).
+
+    ``index is None``: the model runs on ``[B, L, D]`` with ``key_mask`` (the ``masked`` reference) or, when no
+    position is padding, with no mask at all, so CUDA's SDPA may pick its flash kernel. Otherwise every
+    position-wise layer (embeddings, norms, modulation, projections, MLP, head) runs on the ``N`` real tokens
+    ``[N, D]`` only, and attention either packs them for ``flash_attn_varlen_func`` (bf16/fp16 on CUDA with
+    flash-attn installed) or scatters them back into the padded layout around one masked SDPA call.
+    """
+
+    batch: int
+    length: int
+    key_mask: Tensor | None = None  # bool [B, 1, 1, L], True = attend
+    index: Tensor | None = None  # [N] flat positions (b * L + l) of the real tokens, in (cell, position) order
+    cell: Tensor | None = None  # [N] the cell of each real token
+    cu_seqlens: Tensor | None = None  # int32 [B + 1] token offsets of the cells (flash-attn's varlen layout)
+    max_len: int = 0
+
+    @classmethod
+    def of(cls, attention_mask: Tensor, mode: str) -> Layout:
+        batch, length = attention_mask.shape
+        if mode == "masked":
+            return cls(batch, length, key_mask=attention_mask[:, None, None, :])
+        index = attention_mask.flatten().nonzero().squeeze(1)  # one host sync per forward, not per layer
+        if index.numel() == batch * length:
+            return cls(batch, length)
+        lengths = attention_mask.sum(1)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(
+            batch, length, attention_mask[:, None, None, :], index, index // length, cu_seqlens, int(lengths.max())
+        )
+
+    def per_cell(self, values: Tensor) -> Tensor:
+        """Per-cell rows ``[B, F]`` broadcast to every position: ``[B, 1, F]`` or, unpadded, ``[N, F]``."""
+        return values[:, None, :] if self.index is None else values[self.cell]
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """``[B, L, ...]`` -> the layout's own shape (``[N, ...]`` when unpadded)."""
+        return x if self.index is None else x.flatten(0, 1)[self.index]
+
+    def padded(self, x: Tensor) -> Tensor:
+        """The layout's shape -> ``[B, L, ...]``, padded positions zero."""
+        if self.index is None:
+            return x
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over all gene positions, with a key-padding mask."""
+    """Multi-head self-attention over the real gene positions of each cell (``Layout`` says where they are)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -75,13 +131,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(_in_dtype_of(x, self.qkv)).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        qkv = self.qkv(_in_dtype_of(x, self.qkv))
+        width = qkv.shape[-1] // 3
+        dropout = self.dropout if self.training else 0.0
+        if (
+            layout.index is not None
+            and flash_attn_varlen_func is not None
+            and qkv.is_cuda
+            and qkv.dtype != torch.float32
+        ):
+            q, k, v = qkv.view(-1, 3, self.n_heads, width // self.n_heads).unbind(1)
+            cu, n = layout.cu_seqlens, layout.max_len
+            out = flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout).reshape(-1, width)
+            return self.proj(out)
+        heads = layout.padded(qkv).view(layout.batch, layout.length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(*heads, attn_mask=layout.key_mask, dropout_p=dropout)
+        return self.proj(layout.tokens(out.transpose(1, 2).reshape(layout.batch, layout.length, width)))
 
 
 class DiTBlock(nn.Module):
@@ -98,9 +164,9 @@ class DiTBlock(nn.Module):
         )
         self.adaln = adaln_map(d, 6)
 
-    def forward(self, x: Tensor, c: Tensor, key_mask: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c.float())[:, None, :].chunk(6, dim=-1)
-        x = torch.addcmul(x.float(), gate1, self.attn(modulate(self.norm1(x), shift1, scale1), key_mask))
+    def forward(self, x: Tensor, c: Tensor, layout: Layout) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = layout.per_cell(self.adaln(c.float())).chunk(6, dim=-1)
+        x = torch.addcmul(x.float(), gate1, self.attn(modulate(self.norm1(x), shift1, scale1), layout))
         h = modulate(self.norm2(x), shift2, scale2)
         return torch.addcmul(x, gate2, self.mlp(_in_dtype_of(h, self.mlp[0])))
 
@@ -181,6 +247,17 @@ class DiT(nn.Module):
             c = c + self.time_embedding(t)
         return c
 
+    def _tokens(self, gene_ids: Tensor, expr: Tensor, attention_mask: Tensor, cond: Tensor | None, t: Tensor | None):
+        """(final normed, modulated states of the layout's positions, float32; the layout)."""
+        layout = Layout.of(attention_mask, self.cfg.attention)
+        gene_ids, expr = layout.tokens(gene_ids), layout.tokens(expr)
+        x = self.gene_embedding(gene_ids).float() + self.expr_embedding(expr).float()
+        c = self.condition(attention_mask.shape[0], attention_mask.device, cond, t)
+        for block in self.blocks:
+            x = block(x, c, layout)
+        shift, scale = layout.per_cell(self.final_adaln(c.float())).chunk(2, dim=-1)
+        return modulate(self.final_norm(x), shift, scale).float(), layout
+
     def hidden(
         self,
         gene_ids: Tensor,
@@ -190,13 +267,8 @@ class DiT(nn.Module):
         t: Tensor | None = None,
     ) -> Tensor:
         """Final normed, modulated hidden states float32 [B, L, D] (cell embedding: ``[:, 0]`` or a mean-pool)."""
-        x = self.gene_embedding(gene_ids).float() + self.expr_embedding(expr).float()
-        c = self.condition(gene_ids.shape[0], gene_ids.device, cond, t)
-        key_mask = attention_mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, c, key_mask)
-        shift, scale = self.final_adaln(c.float())[:, None, :].chunk(2, dim=-1)
-        return modulate(self.final_norm(x), shift, scale).float()
+        h, layout = self._tokens(gene_ids, expr, attention_mask, cond, t)
+        return layout.padded(h)
 
     def forward(
         self,
@@ -206,7 +278,9 @@ class DiT(nn.Module):
         cond: Tensor | None = None,
         t: Tensor | None = None,
     ) -> Tensor:
-        return self.head(self.hidden(gene_ids, expr, attention_mask, cond, t))
+        """Logits float32 [B, L, K]; at padded positions they are zero (``masked`` mode: whatever is computed)."""
+        h, layout = self._tokens(gene_ids, expr, attention_mask, cond, t)
+        return layout.padded(self.head(h))
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """Shard per transformer block (FSDP1, FSDP2, HSDP): only one block's weights are gathered at a time."""

@@ -60,10 +60,27 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
     return "fp32", None
 
 
-def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
-    """DecoupledAdamW (weight decay not scaled by the LR, as in Composer / llm-foundry) or torch AdamW."""
-    cls = DecoupledAdamW if cfg.name == "decoupled_adamw" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the linear layers' weights only (nanoGPT's split): never on embeddings (whose row 0 of
+    each condition table is the learned null label), biases or norms."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            (decay if isinstance(module, torch.nn.Linear) and name == "weight" else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
+    """``decoupled_adamw`` (Composer's, weight decay not scaled by the LR, as in llm-foundry) or ``adamw``: torch's
+    AdamW, fused on GPU (one kernel for all parameters and no host sync per parameter; foreach on CPU), with its
+    decay divided by the peak LR so that ``lr_t * wd / lr`` is exactly the decoupled ``(lr_t / lr) * wd``."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.name == "decoupled_adamw":
+        return DecoupledAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    for group in groups:
+        group["weight_decay"] /= cfg.lr
+    kernel = {"fused": True} if device == "gpu" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel)
 
 
 def build_scheduler(cfg: SchedulerConfig) -> ComposerScheduler:

@@ -47,6 +47,8 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW; ``weight_decay`` is decoupled from the LR for both names (see ``builders.build_optimizer``)."""
+
     name: Literal["decoupled_adamw", "adamw"] = "decoupled_adamw"
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

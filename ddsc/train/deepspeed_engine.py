@@ -185,7 +185,7 @@ class DeepSpeedRun:
         self.train_loader, self.eval_loader = build_loaders(config, self.world_size)
         reproducibility.seed_all(trainer.seed)  # same initial weights as the Composer engine, on every rank
         model = DDSCComposerModel(config.model, config.diffusion, precision.autocast_dtype)
-        optimizer = build_optimizer(config.optimizer, model.parameters())
+        optimizer = build_optimizer(config.optimizer, model, self.device)
 
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             # A callable, so the schedule wraps the optimizer DeepSpeed ends up stepping (ZeRO re-groups params).

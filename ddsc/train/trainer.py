@@ -244,7 +244,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model.model, check_fn=model.model.activation_checkpointing_fn)
-    optimizer = build_optimizer(config.optimizer, model.parameters())
+    optimizer = build_optimizer(config.optimizer, model, device)
 
     trainer = Trainer(
         model=model,

@@ -28,13 +28,15 @@ K = 11
 def main(out: str, checkpointing: bool) -> None:
     dist.initialize_dist(get_device("cpu"))
     reproducibility.seed_all(0)
-    model = DDSCComposerModel(ModelConfig(d_model=32, n_layers=3, n_heads=2, gene_vocab_size=60, num_bins=K), DiffusionConfig())
+    model = DDSCComposerModel(
+        ModelConfig(d_model=32, n_layers=3, n_heads=2, gene_vocab_size=60, num_bins=K), DiffusionConfig()
+    )
     for p in model.parameters():  # non-zero adaLN and head, so every gradient is non-trivial
         torch.nn.init.normal_(p, std=0.05)
     par = ParallelismConfig(strategy="fsdp", activation_checkpointing=checkpointing)
     trainer = Trainer(
         model=model,
-        optimizers=build_optimizer(OptimizerConfig(), model.parameters()),
+        optimizers=build_optimizer(OptimizerConfig(), model, "cpu"),
         parallelism_config=build_parallelism(par, dist.get_world_size(), "cpu"),
         device="cpu",
         progress_bar=False,

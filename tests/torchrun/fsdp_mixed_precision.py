@@ -63,7 +63,10 @@ def main(out: str) -> None:
         gene_vocab_size=60,
         num_bins=K,
         time_conditioning=True,
-        conditions=[ConditionConfig("line", dropout=0.0, num_labels=3), ConditionConfig("drug", dropout=0.0, num_labels=3)],
+        conditions=[
+            ConditionConfig("line", dropout=0.0, num_labels=3),
+            ConditionConfig("drug", dropout=0.0, num_labels=3),
+        ],
     )
     reference = DiT(cfg).train()
     for p in reference.parameters():  # every weight non-zero: adaLN-Zero and the zero head would hide errors
@@ -87,7 +90,7 @@ def main(out: str) -> None:
             "loss": loss,
             "finite": all(bool(torch.isfinite(g).all()) for g in grads.values()),
             "min_grad_cosine": min(float(c) for c in cosines),
-            "worst": sorted(zip([float(c) for c in cosines], grads))[:4],
+            "worst": sorted(zip([float(c) for c in cosines], grads, strict=True))[:4],
             "grad_dtypes": sorted({str(p.grad.dtype) for p in sharded.parameters()}),
         }
     if rank == 0:
