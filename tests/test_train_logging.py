@@ -50,6 +50,7 @@ def run(tmp_path_factory):
         f"trainer.log_file={tmp / 'metrics.log'}",
         "trainer.console_log_interval=1ba",
         "trainer.wandb_project=ddsc-test",
+        "trainer.speed_window_size=2",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
     done = subprocess.run(
@@ -131,3 +132,16 @@ def test_wandb_offline_run_holds_the_logged_values(run):
     for name in ("preview/bin_tv", "preview/mean_bin", "metrics/eval/masked_ce"):
         (theirs,) = [row[name] for row in history if name in row]
         assert theirs == pytest.approx(logged[4][name], abs=5e-5), name
+
+
+def test_token_rates_count_real_and_padded_positions(run):
+    """Per rank: real tokens (the attention mask) and padded ones (the [B, L] layout), over the same window."""
+    tmp, config, logged = run
+    for batch in (3, 4):  # a window of 2 batches is full from batch 3 on
+        rates = logged[batch]
+        real, padded = rates["throughput/device/real_tokens_per_sec"], rates["throughput/device/padded_tokens_per_sec"]
+        cells = rates["throughput/device/samples_per_sec"]
+        # Cells hold 5-40 genes, cut to max_length 16: per cell 6-17 real positions, batches padded to <= 17.
+        assert 0 < real < padded <= 17 * cells * 1.05  # (two callbacks timing the same window: 5% slack)
+        assert 6 * cells * 0.95 <= real
+    assert 2 not in logged or "throughput/device/real_tokens_per_sec" not in logged[2]

@@ -163,8 +163,12 @@ class DiTBlock(nn.Module):
             nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Dropout(cfg.dropout), nn.Linear(hidden, d)
         )
         self.adaln = adaln_map(d, 6)
+        self.compiled = None  # set by ``DiT.compile_blocks``
 
     def forward(self, x: Tensor, c: Tensor, layout: Layout) -> Tensor:
+        return (self.compiled or self.body)(x, c, layout)
+
+    def body(self, x: Tensor, c: Tensor, layout: Layout) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = layout.per_cell(self.adaln(c.float())).chunk(6, dim=-1)
         x = torch.addcmul(x.float(), gate1, self.attn(modulate(self.norm1(x), shift1, scale1), layout))
         h = modulate(self.norm2(x), shift2, scale2)
@@ -282,6 +286,15 @@ class DiT(nn.Module):
         h, layout = self._tokens(gene_ids, expr, attention_mask, cond, t)
         return layout.padded(self.head(h))
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block's computation (``parallelism.compile``), one graph per block.
+
+        The compiled function is the block's body, not the module: FSDP's and activation checkpointing's module
+        hooks stay outside the graph, as with torchtitan's per-block compile.
+        """
+        for block in self.blocks:
+            block.compiled = torch.compile(block.body, fullgraph=True)
+
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """Shard per transformer block (FSDP1, FSDP2, HSDP): only one block's weights are gathered at a time."""
         return isinstance(module, DiTBlock)
@@ -306,3 +319,9 @@ class DiT(nn.Module):
         per_block = 4 * d * d + 2 * d * hidden
         weights = self.cfg.n_layers * per_block + d * self.cfg.num_bins
         return 6 * weights + 12 * self.cfg.n_layers * d * seq_len
+
+    def flops(self, attention_mask: Tensor) -> float:
+        """Training FLOPs of a batch counting real positions only: each cell at its own length (no padding)."""
+        lengths = attention_mask.sum(1).double()
+        per_cell = self.flops_per_token(0) * lengths + 12 * self.cfg.n_layers * self.cfg.d_model * lengths**2
+        return float(per_cell.sum())

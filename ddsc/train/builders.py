@@ -28,6 +28,7 @@ from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from ddsc.config import ConfigError, to_dict
 from ddsc.precision import cpu_prefers_bf16
 from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
+from ddsc.train.throughput import TokenRates
 
 
 def resolve_device(trainer: TrainerConfig) -> str:
@@ -141,6 +142,7 @@ def build_callbacks(trainer: TrainerConfig, device: str) -> list[Callback]:
         LRMonitor(),
         OptimizerMonitor(),
         RuntimeEstimator(),
+        TokenRates(trainer.speed_window_size),
     ]
     if device == "gpu":
         callbacks.append(MemoryMonitor())

@@ -76,6 +76,6 @@ class DDSCComposerModel(ComposerModel):
         metric.update(outputs)
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Training FLOPs (forward + backward) of one batch, for the speed monitor's MFU."""
-        batch_size, length = batch["gene_ids"].shape
-        return float(self.model.flops_per_token(length) * batch_size * length)
+        """Training FLOPs (forward + backward) of one batch's real positions, for the speed monitor's MFU: the
+        work padding costs (in the ``masked`` reference) is waste, not model FLOPs."""
+        return self.model.flops(batch["attention_mask"])

@@ -185,6 +185,8 @@ class DeepSpeedRun:
         self.train_loader, self.eval_loader = build_loaders(config, self.world_size)
         reproducibility.seed_all(trainer.seed)  # same initial weights as the Composer engine, on every rank
         model = DDSCComposerModel(config.model, config.diffusion, precision.autocast_dtype)
+        if config.parallelism.compile:
+            model.model.compile_blocks()
         optimizer = build_optimizer(config.optimizer, model, self.device)
 
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -290,7 +292,7 @@ class DeepSpeedRun:
                 step = self.train_batch(self._to_device(batch))
                 metrics.update(step)
                 step[f"lr-{self.optimizer_name}/group0"] = self.scheduler.get_last_lr()[0]
-                self.log.batch(self.progress.batch, step, len(batch["gene_ids"]), flops)
+                self.log.batch(self.progress.batch, step, batch["attention_mask"], flops)
                 if self.eval_loader is not None and self.progress.batch % self.eval_every == 0:
                     metrics.update(self._evaluate_and_log())
                     evaluated_at = self.progress.batch

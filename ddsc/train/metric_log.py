@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from ddsc.config import to_dict
 from ddsc.train.builders import batches
 from ddsc.train.config import RunConfig
+from ddsc.train.throughput import RateWindow, token_counts
 
 
 class MetricLog:
@@ -33,7 +32,7 @@ class MetricLog:
         self.console_every = batches(trainer.console_log_interval, "trainer.console_log_interval")
         self.to_console = trainer.log_to_console and rank == 0
         self.peak_flops = peak_flops
-        self.window: deque[tuple[float, int, float]] = deque(maxlen=trainer.speed_window_size + 1)
+        self.window = RateWindow(trainer.speed_window_size)
         self.file = None
         self.wandb = None
         if rank == 0 and trainer.log_file:
@@ -71,28 +70,32 @@ class MetricLog:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             self.console(f"[batch={batch}/{self.max_batches}] {shown}")
 
-    def batch(self, batch: int, values: dict[str, float], device_samples: int, device_flops: float) -> None:
+    def batch(self, batch: int, values: dict[str, float], attention_mask: torch.Tensor, device_flops: float) -> None:
         """Log one training batch's metrics with the throughput and MFU of the window ending here."""
         flops = torch.tensor(device_flops, dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flops)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.window.append((time.perf_counter(), device_samples * world, float(flops)))
+        rates = self.window.add(
+            batches=1.0,
+            samples=float(attention_mask.shape[0] * world),
+            flops=float(flops),
+            **token_counts(attention_mask),
+        )
         values = dict(values)
-        if len(self.window) == self.window.maxlen:
-            elapsed = self.window[-1][0] - self.window[0][0]
-            samples = sum(s for _, s, _ in list(self.window)[1:])
-            flops_per_sec = sum(f for _, _, f in list(self.window)[1:]) / elapsed
+        if rates:
             values.update(
                 {
-                    "throughput/batches_per_sec": (len(self.window) - 1) / elapsed,
-                    "throughput/samples_per_sec": samples / elapsed,
-                    "throughput/device/samples_per_sec": samples / elapsed / world,
-                    "throughput/device/flops_per_sec": flops_per_sec / world,
+                    "throughput/batches_per_sec": rates["batches"],
+                    "throughput/samples_per_sec": rates["samples"],
+                    "throughput/device/samples_per_sec": rates["samples"] / world,
+                    "throughput/device/flops_per_sec": rates["flops"] / world,
+                    "throughput/device/real_tokens_per_sec": rates["real_tokens"],
+                    "throughput/device/padded_tokens_per_sec": rates["padded_tokens"],
                 }
             )
             if self.peak_flops:
-                values["throughput/device/mfu"] = flops_per_sec / world / self.peak_flops
+                values["throughput/device/mfu"] = rates["flops"] / world / self.peak_flops
         if self.device.type == "cuda":  # as Composer's MemoryMonitor: gigabytes
             values["memory/peak_allocated_mem"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.metrics(batch, values)

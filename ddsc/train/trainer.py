@@ -240,6 +240,8 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         callbacks.append(build_preview(config, eval_loader))
     reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun
     model = DDSCComposerModel(config.model, config.diffusion, autocast_dtype)
+    if par.compile:
+        model.model.compile_blocks()
     if par.activation_checkpointing and parallelism is None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -275,7 +277,6 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         log_to_console=trainer_cfg.log_to_console,
         console_log_interval=trainer_cfg.console_log_interval,
         progress_bar=trainer_cfg.progress_bar,
-        compile_config={} if par.compile else None,
     )
     start = time.perf_counter()
     trainer.fit()
