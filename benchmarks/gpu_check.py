@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/gpu_check.py [--workdir DIR] [--steps 30]`` (or ``make gpu-check``), on one GPU.
 
-What it does, in about 5 minutes on one H100/H200 (most of it process start-up):
+What it does, in about 5-6 minutes on one H100/H200 (most of it process start-up and compilation):
 1. Writes 4,000 Tahoe-format demo cells (``data_prep/make_demo_data.py``, ~1,070 genes per cell, so the 1,024-gene
    window is full) and converts them to MDS (``data_prep/tahoe_to_mds.py``), in ``--workdir`` (re-used).
 2. Trains ``yamls/dit_1024.yaml`` (the DDSC-size DiT, 177M parameters, 1,025 positions per cell) for ``--steps``
@@ -12,8 +12,10 @@ What it does, in about 5 minutes on one H100/H200 (most of it process start-up):
    FSDP2 with activation checkpointing, 16 cells per step.
 3. Reports per run: loss (mean of the first and last 5 steps), cells/s and positions/s over the last 10 steps,
    MFU against the GPU's bf16 datasheet peak (Composer's table; a run's own MFU log), peak allocated memory.
-   Also which SDPA kernel the DiT's attention call gets at this shape (profiled, bf16, with the key-padding
-   mask the model passes, and without a mask for comparison).
+4. Attention at B=64, H=12, L=1024/1025, d_head=64, bf16: which SDPA backend the DiT's call gets (profiled)
+   and the forward+backward time of each backend forced with ``sdpa_kernel`` (flash, memory-efficient,
+   cuDNN), of the masked reference and of compiled FlexAttention with a padding block mask; then the
+   DDSC-size training step with compiled blocks against eager.
 
 Checks (exit status 1 if any fails): every run finishes with finite losses that fall over the run, and the
 bf16 loss after the last steps is within 2% of the fp32 one. Without a CUDA GPU it exits 2 at once.
@@ -154,25 +156,101 @@ def read_log(path: Path) -> dict[int, dict[str, float]]:
     return log
 
 
-def sdpa_kernels() -> dict[str, str]:
-    """Which SDPA backend runs the DiT's attention at the dit_1024 shape, with its mask and without one."""
+def cuda_ms(fn, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events), after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def attention_backends() -> list[str]:
+    """Which SDPA backend the DiT's call gets, and forward+backward time of each backend forced at B=64, H=12,
+    d_head=64, bf16, for L=1024 and 1025 (a cell of 1,024 genes + <cls>)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+    return [line for length in (1024, 1025) for line in _backends_at(length, flex)]
+
+
+def _backends_at(length: int, flex) -> list[str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
     from torch.profiler import ProfilerActivity, profile
 
-    batch, heads, length, head_dim = 64, 12, 1025, 64
-    q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    key_mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")  # as DiT.hidden builds it
-    backend = re.compile(
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (
+        torch.randn(64, 12, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    key_mask = torch.ones(64, 1, 1, length, dtype=torch.bool, device="cuda")
+    picked = re.compile(
         r"aten::_scaled_dot_product_(flash|efficient|cudnn)_attention|aten::_scaled_dot_product_attention_math"
     )
-    found = {}
-    for label, mask in (("with the model's key-padding mask", key_mask), ("without a mask", None)):
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    lines = []
+    for label, mask in (("no padding (no mask, as the model passes it)", None), ("masked reference", key_mask)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            sdpa(q, k, v, attn_mask=mask)
             torch.cuda.synchronize()
-        ops = [m for e in prof.key_averages() if (m := backend.search(e.key))]
-        found[label] = (ops[0][1] or "math") if ops else "unknown"
-    return found
+        ops = [m for e in prof.key_averages() if (m := picked.search(e.key))]
+        lines.append(f"L={length} {label}: SDPA picks {(ops[0][1] or 'math') if ops else 'unknown'}")
+
+    def forced(backend):
+        def call():
+            with sdpa_kernel(backend):
+                sdpa(q, k, v).sum().backward()
+
+        return call
+
+    lengths = torch.full((64,), length, device="cuda")
+    block_mask = create_block_mask(lambda b, h, qi, ki: ki < lengths[b], 64, None, length, length, device="cuda")
+    candidates = {
+        "flash": forced(SDPBackend.FLASH_ATTENTION),
+        "memory-efficient": forced(SDPBackend.EFFICIENT_ATTENTION),
+        "cudnn": forced(SDPBackend.CUDNN_ATTENTION),
+        "masked reference (bool mask)": lambda: sdpa(q, k, v, attn_mask=key_mask).sum().backward(),
+        "flex (compiled, padding block mask)": lambda: flex(q, k, v, block_mask=block_mask).sum().backward(),
+    }
+    for name, fn in candidates.items():
+        try:
+            lines.append(f"L={length} {name}: {cuda_ms(fn):.2f} ms forward+backward")
+        except RuntimeError as err:
+            lines.append(f"L={length} {name}: unavailable ({str(err).splitlines()[0][:70]})")
+    return lines
+
+
+def compiled_vs_eager(steps: int = 10) -> str:
+    """Steps/s of the DDSC-size DiT's training step (bf16 autocast, 16 cells x 1,025) with compiled blocks / eager."""
+    from ddsc.diffusion.config import DiffusionConfig
+    from ddsc.diffusion.masked_diffusion import MaskedDiffusion
+    from ddsc.model.config import ModelConfig
+    from ddsc.model.dit import DiT
+
+    batch = {
+        "gene_ids": torch.randint(3, 62_710, (16, 1025), device="cuda"),
+        "expr": torch.randint(0, 51, (16, 1025), device="cuda"),
+        "attention_mask": torch.ones(16, 1025, dtype=torch.bool, device="cuda"),
+    }
+    batch["real"] = batch["attention_mask"].clone()
+    batch["real"][:, 0] = False
+    diffusion, times = MaskedDiffusion(DiffusionConfig(), 51), {}
+    for label in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = DiT(ModelConfig.from_preset("ddsc", num_bins=51)).cuda().train()
+        if label == "compiled":
+            model.compile_blocks()
+
+        def step(model=model):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                diffusion.loss(model, batch).loss.backward()
+
+        times[label] = cuda_ms(step, steps)
+    return f"compiled / eager DiT step (ddsc size, 16 x 1,025, bf16): {times['eager'] / times['compiled']:.2f}x ({times['eager']:.0f} vs {times['compiled']:.0f} ms)"
 
 
 def mean(values: list[float]) -> float:
@@ -235,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         train(run, mds, args.workdir, args.steps, port=29900 + i)
     print()
     failures = report(results)
-    print("\nSDPA backend for the DiT's attention (B=64, H=12, L=1025, d_head=64, bf16):")
-    for label, kernel in sdpa_kernels().items():
-        print(f"  {label}: {kernel}")
+    print("\nAttention (B=64, H=12, d_head=64, bf16):")
+    for line in attention_backends():
+        print(f"  {line}")
+    print("\n" + compiled_vs_eager())
     for failure in failures:
         print(f"FAILED: {failure}")
     print("gpu_check: " + ("all checks passed" if not failures else f"{len(failures)} check(s) failed"))
