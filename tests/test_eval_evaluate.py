@@ -145,7 +145,8 @@ def test_uniform_model_scores_log_k():
 
 def test_perturbation_recovers_a_drug_effect_the_model_knows():
     labels = LabelVocab({"cell_line_id": ["L1"], "drug": ["DMSO_TF", "d1"]})
-    collator = CellCollator(max_length=64, binning=BINNING, labels=labels, conditions=["cell_line_id", "drug"])
+    # 40 genes per cell, 16 per model row: perturbation scores whole cells, generated in chunks of 16
+    collator = CellCollator(max_length=16, binning=BINNING, labels=labels, conditions=["cell_line_id", "drug"])
     train, test = _samples(40, seed=1, drug_shift=True), _samples(120, seed=2, drug_shift=True)
     oracle = _oracle(collator, train + test, drugs=3)
     settings = EvalSettings(

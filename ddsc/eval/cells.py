@@ -8,6 +8,7 @@ collator's batch layout, optionally with other condition labels (counterfactual 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -111,3 +112,19 @@ def length_batches(cells: EvalCells, idx: Sequence[int], batch_size: int) -> lis
     idx = list(idx)
     order = sorted(idx, key=lambda i: (len(cells.genes[i]), i))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def split_into_panels(cells: EvalCells, max_length: int, seed: int) -> EvalCells:
+    """Every cell cut into random chunks of at most ``max_length`` genes (bins kept: they are per whole cell)."""
+    rng = np.random.default_rng(seed)
+    ids, genes, bins, rows = [], [], [], []
+    for i in range(len(cells)):
+        n = len(cells.genes[i])
+        for k, part in enumerate(np.array_split(rng.permutation(n), max(1, math.ceil(n / max_length)))):
+            part = np.sort(part)
+            ids.append(f"{cells.cell_ids[i]}#{k}")
+            genes.append(cells.genes[i][part])
+            bins.append(cells.bins[i][part])
+            rows.append(i)
+    metadata = {c: [v[i] for i in rows] for c, v in cells.metadata.items()}
+    return EvalCells(ids, genes, bins, cells.cond[rows], metadata)

@@ -131,12 +131,14 @@ def evaluate(
             diffusion_cfg=diffusion.cfg,
         )
         metrics["generation"], arrays.pca = generation_eval(model, cells, train, tokens, settings.sampler, **common)
+        whole = fresh_collator(collator, settings.seed, max_length=1 << 30)  # every gene of every cell
         pert = perturbation_eval(
             model,
-            cells,
-            train,
+            collate_cells(whole, eval_samples),
+            collate_cells(whole, train_samples),
             tokens,
             settings.sampler,
+            max_length=collator.max_length,
             control=settings.control,
             min_cells=settings.min_group_cells,
             top_k=settings.top_k,

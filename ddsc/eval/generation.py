@@ -12,10 +12,10 @@ held-out real cells on A's first 10 PCs is a fraction of A's, and the figure the
 the metrics do not show. ``pc_variance_ratio`` (mean over the first 10 PCs of a sample's variance over A's)
 makes that check a number: about 1 for the held-out real cells, below 1 for a generator that collapses.
 
-Perturbation (data with drug labels) is scored in the field's terms by :mod:`ddsc.eval.perturbation`; the
-model's cells are counterfactual: each treated cell of B is generated on the gene panel of a random control
-cell of its cell line, with the treated cell's labels, and B's control cells are regenerated with their own,
-so the model's effect comes from the condition alone. With nonzero-only binning the part of a real effect
+Perturbation (data with drug labels) is scored in the field's terms by :mod:`ddsc.eval.perturbation`, on
+whole cells; the model's cells are counterfactual: each treated cell of B is generated on the gene panel of a
+random control cell of its cell line, with the treated cell's labels, and B's control cells are regenerated
+with their own, so the model's effect comes from the condition alone. With nonzero-only binning the part of a real effect
 that switches genes on or off cannot be generated on a fixed panel, which caps the model below the real
 split-half ceiling.
 
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.samplers import sample
 from ddsc.eval.bootstrap import mean_interval, resample_weights
-from ddsc.eval.cells import EvalCells, length_batches, pack
+from ddsc.eval.cells import EvalCells, length_batches, pack, split_into_panels
 from ddsc.eval.metrics import PCA, generation_metrics
 from ddsc.eval.perturbation import METRICS, LineCells, score_line
 from ddsc.eval.settings import SamplerSettings
@@ -48,27 +48,23 @@ def generate_bins(
     tokens: ExpressionTokens,
     settings: SamplerSettings,
     cond: np.ndarray | None = None,
-    panels: list[int] | None = None,
     device: torch.device | str = "cpu",
     diffusion_cfg=None,
 ) -> EvalCells:
-    """Generated cells: every bin of cell ``panels[j]``'s genes generated with labels ``cond[j]`` (default:
-    cell ``idx[j]``'s own). Metadata and ids follow ``idx``."""
-    panels = list(idx) if panels is None else list(panels)
+    """Generated cells: every bin of cell ``idx[j]``'s genes generated with labels ``cond[j]`` (default: its
+    own). Metadata and ids follow ``idx``."""
     labels = cells.cond[idx] if cond is None else np.asarray(cond, np.int64)
     genes: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
     bins: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
     panel_cells = EvalCells(
-        [cells.cell_ids[p] for p in panels],
-        [cells.genes[p] for p in panels],
-        [cells.bins[p] for p in panels],
+        [cells.cell_ids[i] for i in idx],
+        [cells.genes[i] for i in idx],
+        [cells.bins[i] for i in idx],
         labels,
         {},
     )
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    for rows in tqdm(
-        length_batches(panel_cells, range(len(panels)), settings.batch_size), desc="generate", unit="batch"
-    ):
+    for rows in tqdm(length_batches(panel_cells, range(len(idx)), settings.batch_size), desc="generate", unit="batch"):
         batch = {k: v.to(device) for k, v in pack(panel_cells, rows, tokens).items()}
         out = sample(
             model,
@@ -86,6 +82,43 @@ def generate_bins(
             bins[j] = expr[r, 1 : 1 + len(genes[j])].numpy().astype(np.int64)
     metadata = {c: [v[i] for i in idx] for c, v in cells.metadata.items()}
     return EvalCells([cells.cell_ids[i] for i in idx], genes, bins, labels, metadata)
+
+
+def generate_whole(
+    model: Callable,
+    cells: EvalCells,
+    idx: list[int],
+    panels: list[int],
+    max_length: int,
+    tokens: ExpressionTokens,
+    settings: SamplerSettings,
+    device: torch.device | str = "cpu",
+    diffusion_cfg=None,
+) -> EvalCells:
+    """:func:`generate_bins` for whole cells longer than the model's ``max_length``: the genes of cell
+    ``panels[j]`` are cut into random chunks of at most ``max_length`` (as in training, where a long cell is a
+    random subset), every chunk is generated with cell ``idx[j]``'s labels, and the chunks are put together."""
+    source = EvalCells(
+        [str(j) for j in range(len(panels))],
+        [cells.genes[p] for p in panels],
+        [cells.bins[p] for p in panels],
+        cells.cond[idx],
+        {},
+    )
+    chunks = split_into_panels(source, max_length, settings.seed)
+    drawn = generate_bins(
+        model, chunks, list(range(len(chunks))), tokens, settings, device=device, diffusion_cfg=diffusion_cfg
+    )
+    owner = np.array([int(name.rsplit("#", 1)[0]) for name in chunks.cell_ids])
+    parts = [np.flatnonzero(owner == j) for j in range(len(panels))]
+    metadata = {c: [v[i] for i in idx] for c, v in cells.metadata.items()}
+    return EvalCells(
+        [cells.cell_ids[i] for i in idx],
+        [np.concatenate([drawn.genes[k] for k in part]) for part in parts],
+        [np.concatenate([drawn.bins[k] for k in part]) for part in parts],
+        cells.cond[idx],
+        metadata,
+    )
 
 
 def top_genes(cells: EvalCells, max_genes: int) -> np.ndarray:
@@ -189,6 +222,7 @@ def perturbation_eval(
     train: EvalCells,
     tokens: ExpressionTokens,
     settings: SamplerSettings,
+    max_length: int,
     max_cells: int,
     max_genes: int,
     zero_bin: bool,
@@ -199,6 +233,10 @@ def perturbation_eval(
     diffusion_cfg=None,
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
     """(metrics, real A effects, model effects, both concatenated over the scored groups); None without groups.
+
+    ``cells`` and ``train`` are whole cells (collated without a gene limit): a random subset of a long cell
+    would turn absence from the subset into apparent non-expression, noise that swamps every effect. The
+    model generates them in chunks of at most ``max_length`` genes (:func:`generate_whole`).
 
     Predictors, each scored against half A's real cells per (cell line, treatment) group: ``model``
     (counterfactual generation, see the module docstring), ``control_mean`` (every treated cell predicted as
@@ -236,13 +274,10 @@ def perturbation_eval(
         return None
     panels = [int(rng.choice(controls[line[i]])) for i in treated]
     common = dict(device=device, diffusion_cfg=diffusion_cfg)
-    gen_t = dense(
-        generate_bins(model, cells, treated, tokens, settings, panels=panels, **common),
-        range(len(treated)),
-        columns,
-        zero_bin,
-    )
-    gen_c = dense(generate_bins(model, cells, ctrl, tokens, settings, **common), range(len(ctrl)), columns, zero_bin)
+    drawn_t = generate_whole(model, cells, treated, panels, max_length, tokens, settings, **common)
+    drawn_c = generate_whole(model, cells, ctrl, ctrl, max_length, tokens, settings, **common)
+    gen_t = dense(drawn_t, range(len(treated)), columns, zero_bin)
+    gen_c = dense(drawn_c, range(len(ctrl)), columns, zero_bin)
     generated = _by_line(
         np.vstack([gen_t, gen_c]), line[treated + ctrl], treatment[treated + ctrl], drug[treated + ctrl], control, 1
     )
