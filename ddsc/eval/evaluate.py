@@ -65,7 +65,7 @@ def evaluate(
     from ddsc.eval.bootstrap import resample_weights
     from ddsc.eval.cells import collate_cells, fresh_collator, length_batches
     from ddsc.eval.counts import KNNMeanCounts, count_summary
-    from ddsc.eval.generation import generation_eval, perturbation_eval
+    from ddsc.eval.generation import generation_eval, has_treatments, perturbation_eval
     from ddsc.eval.masked import masked_prediction, masked_summary, nelbo_grid
     from ddsc.eval.report import ReportArrays
 
@@ -131,21 +131,22 @@ def evaluate(
             diffusion_cfg=diffusion.cfg,
         )
         metrics["generation"], arrays.pca = generation_eval(model, cells, train, tokens, settings.sampler, **common)
-        whole = fresh_collator(collator, settings.seed, max_length=1 << 30)  # every gene of every cell
-        pert = perturbation_eval(
-            model,
-            collate_cells(whole, eval_samples),
-            collate_cells(whole, train_samples),
-            tokens,
-            settings.sampler,
-            max_length=collator.max_length,
-            control=settings.control,
-            min_cells=settings.min_group_cells,
-            top_k=settings.top_k,
-            **common,
-        )
-        if pert is not None:
-            metrics["perturbation"], arrays.delta_real, arrays.delta_generated = pert
+        if has_treatments(cells, settings.control):
+            whole = fresh_collator(collator, settings.seed, max_length=1 << 30)  # every gene of every cell
+            pert = perturbation_eval(
+                model,
+                collate_cells(whole, eval_samples),
+                collate_cells(whole, train_samples),
+                tokens,
+                settings.sampler,
+                max_length=collator.max_length,
+                control=settings.control,
+                min_cells=settings.min_group_cells,
+                top_k=settings.top_k,
+                **common,
+            )
+            if pert is not None:
+                metrics["perturbation"], arrays.delta_real, arrays.delta_generated = pert
     if embed is not None and labels:
         from ddsc.eval.embedding import embedding_eval, pca_baseline
 

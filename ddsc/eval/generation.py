@@ -189,6 +189,12 @@ def treatment_keys(cells: EvalCells) -> np.ndarray:
     return np.array([f"{d}|{c}" for d, c in zip(drug, cells.metadata["dose"], strict=True)])
 
 
+def has_treatments(cells: EvalCells, control: str) -> bool:
+    """Whether the cells carry cell lines and drugs with both control and treated cells."""
+    drug = set(cells.metadata.get("drug", []))
+    return "cell_line_id" in cells.metadata and control in drug and bool(drug - {control, ""})
+
+
 def _by_line(x: np.ndarray, line: np.ndarray, treatment: np.ndarray, drug: np.ndarray, control: str, min_cells: int):
     """``{line: LineCells}`` of the rows of ``x``: lines with >= ``min_cells`` controls, treatments with as many."""
     out = {}
@@ -245,7 +251,7 @@ def perturbation_eval(
     real cells: the ceiling finite data allow). A group is scored when both halves hold >= ``min_cells`` of
     its cells, its line has >= ``min_cells`` controls in both halves and in train, and the model generated it.
     """
-    if not {"cell_line_id", "drug"} <= set(cells.metadata) or not {"cell_line_id", "drug"} <= set(train.metadata):
+    if not has_treatments(cells, control) or not has_treatments(train, control):
         return None
     line, drug, treatment = (
         np.asarray(cells.metadata["cell_line_id"]),
