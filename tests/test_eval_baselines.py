@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddsc.eval.baselines import GeneMarginalBaseline, KNNBaseline
+from ddsc.eval.baselines import (
+    SMOOTHING_GRID,
+    CellHistogramBaseline,
+    GeneCellProductBaseline,
+    GeneMarginalBaseline,
+    KNNBaseline,
+    masked_ce,
+    smoothing_queries,
+)
 from ddsc.eval.masks import MASK_RATES, batch_mask, cell_mask
 from ddsc.eval.metrics import masked_prediction_metrics
 
@@ -57,7 +65,7 @@ def test_knn_neighbours_match_brute_force_distance():
     for genes, bins in cells[:6]:
         masked = rng.random(len(genes)) < 0.5
         queries.append((np.r_[genes, 40], np.r_[bins, 0], np.r_[masked, False]))  # gene 40 never seen in train
-    got = knn._neighbours(queries)
+    got = knn.neighbours(queries)
     for (genes, bins, masked), nbrs in zip(queries, got, strict=True):
         obs = genes[~masked][:-1]
         dist = ((dense[:, obs] - (bins[~masked][:-1] + 1)) ** 2).sum(1)
@@ -87,3 +95,55 @@ def test_batch_mask_matches_cell_mask_and_skips_cls_and_padding():
     assert not mask[:, 0].any() and not mask[1, 3:].any()
     np.testing.assert_array_equal(mask[0, 1:].numpy(), cell_mask("a", np.array([5, 6, 7, 8]), 0.5, seed=1))
     np.testing.assert_array_equal(mask[1, 1:3].numpy(), cell_mask("b", np.array([9, 10]), 0.5, seed=1))
+
+
+def test_cell_histogram_by_hand_and_closed_form_ce():
+    glob = np.array([0.2, 0.3, 0.5])
+    # observed bins 0,0,0,0,1,1,2,2 (histogram q = 1/2, 1/4, 1/4); the masked bins 0,0,1,2 have the same q
+    bins = np.array([0, 0, 0, 0, 1, 1, 2, 2, 0, 0, 1, 2])
+    masked = np.r_[np.zeros(8, bool), np.ones(4, bool)]
+    query = (np.arange(3, 15), bins, masked)
+    q = np.array([0.5, 0.25, 0.25])
+    probs = CellHistogramBaseline(glob, alpha=1.0).predict([query])
+    np.testing.assert_allclose(probs, np.tile((8 * q + glob) / 9, (4, 1)))  # the same for every masked gene
+    # unsmoothed, the CE of a histogram on bins drawn exactly like it is the histogram's entropy: 1.5 ln 2
+    exact = masked_prediction_metrics(CellHistogramBaseline(glob, alpha=0.0).predict([query]), bins[masked])
+    assert exact["masked_ce"] == pytest.approx(-(q * np.log(q)).sum()) == pytest.approx(1.5 * np.log(2))
+    smoothed = masked_prediction_metrics(probs, bins[masked])["masked_ce"]
+    assert smoothed == pytest.approx(-(q * np.log((8 * q + glob) / 9)).sum()) and smoothed > exact["masked_ce"]
+    assert masked_ce(CellHistogramBaseline(glob, alpha=1.0).predict, [query]) == pytest.approx(smoothed)
+
+
+def test_gene_cell_product_by_hand():
+    cells = [(np.array([10, 11]), np.array([0, 2])), (np.array([10]), np.array([0])), (np.array([10]), np.array([1]))]
+    marginal = GeneMarginalBaseline.fit(cells, num_bins=3)
+    cell = CellHistogramBaseline(marginal.global_probs, alpha=2.0)
+    query = (np.array([10, 11, 12]), np.array([1, 1, 0]), np.array([True, False, True]))
+    p_gene = marginal.gene_probs(np.array([10, 12]))
+    p_cell = (np.array([0, 1, 0]) + 2.0 * marginal.global_probs) / 3.0  # one observed bin: 1
+    product = p_gene * p_cell / marginal.global_probs  # the bin prior, in both factors, counted once
+    np.testing.assert_allclose(
+        GeneCellProductBaseline(marginal, cell).predict([query]), product / product.sum(1, keepdims=True)
+    )
+
+
+def test_smoothing_is_fitted_on_train_cells():
+    """Cells whose bins are all alike trust their own histogram (small alpha); cells whose visible bins say
+    nothing about the hidden ones fall back on the global histogram (large alpha)."""
+    rng = np.random.default_rng(0)
+    genes = np.arange(3, 43)
+    alike = [(f"a{i}", genes, np.full(40, i % 4)) for i in range(200)]
+    noise = [(f"n{i}", genes, rng.integers(0, 4, 40)) for i in range(200)]
+    for cells, best in ((alike, SMOOTHING_GRID[0]), (noise, SMOOTHING_GRID[-1])):
+        queries = smoothing_queries(cells, seed=0)
+        assert [int(m.sum()) for _, _, m in queries[:2]] == [20, 20]  # fixed masks at SMOOTHING_RATE = 0.5
+        marginal = GeneMarginalBaseline.fit([(g, b) for _, g, b in cells], num_bins=4)
+        assert CellHistogramBaseline.fit(marginal.global_probs, queries).alpha == best
+        fitted = GeneCellProductBaseline.fit(marginal, queries)
+        assert all(
+            masked_ce(fitted.predict, queries)
+            <= masked_ce(
+                GeneCellProductBaseline(marginal, CellHistogramBaseline(marginal.global_probs, a)).predict, queries
+            )
+            for a in SMOOTHING_GRID
+        )

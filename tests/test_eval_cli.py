@@ -24,6 +24,7 @@ from ddsc.data.labels import LabelVocab
 from ddsc.data.splits import unit_hash
 from ddsc.data.vocab import GeneVocab
 from ddsc.eval.baselines import KNNBaseline
+from ddsc.eval.embedding import label_scores
 from ddsc.eval.masks import cell_mask
 from ddsc.model.hf import DDSCModel
 from ddsc.train.config import RunConfig
@@ -146,17 +147,34 @@ def evaluate_cli(model: Path, data: Path, out: Path, *extra: str) -> dict:
 def test_evaluate_mds_folder(exported, tmp_path):
     data, model = exported
     metrics = evaluate_cli(
-        model, data, tmp_path, "--split", "valid", "--nelbo-points", "2", "--generate-cells", "8", "--steps", "4"
+        model,
+        data,
+        tmp_path,
+        *("--split", "valid", "--nelbo-points", "2", "--generate-cells", "8", "--steps", "4"),
+        *("--min-group-cells", "2"),  # 32 cells in 3 cell lines x 2 drugs: about 2.7 per group and half
     )
     train_samples, valid_samples = mds_samples(data / "train"), mds_samples(data / "valid")
     assert metrics["setup"]["eval_cells"] == 32 and metrics["setup"]["baseline_train_cells"] == 96
     check(metrics, direct_ce(model, train_samples, valid_samples, 0.7), "0.7")
     assert 0 < metrics["nelbo"]["nelbo"] < 10 and len(metrics["nelbo"]["nelbo_per_t"]) == 2
     assert metrics["generation"]["num_generated"] == 8
-    assert metrics["perturbation"]["generated"]["num_groups"] >= 1  # drugX vs DMSO_TF in the synthetic cells
+    pert = metrics["perturbation"]
+    assert pert["num_groups"] >= 1  # drugX vs DMSO_TF in the synthetic cells
+    assert set(pert["predictors"]) == {"model", "control_mean", "perturbation_mean", "real_half"}
+    assert all(key.endswith("|drugX") for key in pert["predictors"]["model"]["groups"])  # no dose in these cells
+    # the cells carry cell lines and drugs: both label the embeddings (CLS, mean-pooled and the PCA baseline)
+    assert set(metrics["embedding"]) == {"cell_line_id", "drug"}
+    assert set(metrics["embedding"]["drug"]) == {
+        "num_labels",
+        "majority_fraction",
+        "ddsc_cls",
+        "ddsc_mean",
+        "pca50_log1p",
+    }
     assert "ground_truth" not in metrics  # no demo ground truth beside this dataset
     page = (tmp_path / "summary.md").read_text()
-    assert f"| 0.7 | DDSC | {metrics['masked']['0.7']['model']['masked_ce']:.4f} |" in page
+    assert f"| 0.7 | DDSC | {metrics['masked']['0.7']['model']['masked_ce']:.4f} [" in page
+    assert "## Perturbation" in page and "## Embeddings" in page
 
 
 def test_evaluate_h5ad(exported, tmp_path):
@@ -172,10 +190,29 @@ def test_evaluate_h5ad(exported, tmp_path):
     path = tmp_path / "cells.h5ad"
     anndata.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
 
-    metrics = evaluate_cli(model, path, tmp_path / "report", "--nelbo-points", "0", "--generate-cells", "0")
+    metrics = evaluate_cli(
+        model, path, tmp_path / "report", "--nelbo-points", "0", "--generate-cells", "0", "--embed-labels", "drug"
+    )
     kept = samples[1:]
     fit = [s for s in kept if unit_hash(0, s["cell_id"]) < 0.5]
     rest = [s for s in kept if unit_hash(0, s["cell_id"]) >= 0.5]
     assert metrics["setup"]["eval_cells"] == len(rest) and metrics["setup"]["baseline_train_cells"] == len(fit)
     assert "1 dropped" in metrics["setup"]["data"] and "197 of 199 genes matched" in metrics["setup"]["data"]
     check(metrics, direct_ce(model, fit, rest, 0.3), "0.3")
+    # the embeddings scored are those of `ddsc embed` on the same file, evaluation cells only
+    assert cli.main(["embed", "--model", str(model), "--input", str(path), "--output", str(tmp_path / "e.h5ad")]) == 0
+    embedded = anndata.read_h5ad(tmp_path / "e.h5ad")
+    rows = [embedded.obs_names.get_loc(s["cell_id"]) for s in rest]
+    labels = [s["drug"] for s in rest]
+    for key, name in (("X_ddsc_cls", "ddsc_cls"), ("X_ddsc_mean", "ddsc_mean")):
+        expected = label_scores(embedded.obsm[key][rows], labels, k=3)
+        assert metrics["embedding"]["drug"][name]["knn_accuracy"] == pytest.approx(expected["knn_accuracy"])
+        assert metrics["embedding"]["drug"][name]["ari"] == pytest.approx(expected["ari"])
+    assert list(metrics["embedding"]) == ["drug"]  # the named column only
+
+
+def test_evaluate_names_a_missing_label_column(exported, tmp_path, capsys):
+    data, model = exported
+    argv = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path), "--embed-labels", "tissue"]
+    assert cli.main([*argv, "--nelbo-points", "0", "--generate-cells", "0", "--mask-rates", "0.5"]) == 2
+    assert "no column 'tissue'" in capsys.readouterr().err

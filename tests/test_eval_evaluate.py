@@ -93,12 +93,26 @@ def test_evaluate_scores_model_and_baselines_on_the_same_masks(tmp_path):
         assert m["marginal"]["masked_acc"] == 1.0 and m["marginal"]["masked_ce"] > 0.01
         assert metrics["margins"][rate]["vs_marginal"] == pytest.approx(m["marginal"]["masked_ce"], abs=1e-9)
         np.testing.assert_array_equal(m["model"]["confusion"], m["marginal"]["confusion"])
+        # the best baseline is the lowest-CE one, and the margin's interval brackets the margin
+        margin = metrics["margins"][rate]
+        baselines = ("marginal", "knn", "cell_histogram", "gene_cell_product")
+        assert margin["best_baseline"] == min(baselines, key=lambda b: m[b]["masked_ce"])
+        assert margin["vs_best"] == pytest.approx(m[margin["best_baseline"]]["masked_ce"])
+        low, high = margin["vs_best_ci95"]
+        assert 0 < low <= margin["vs_best"] <= high
+        low, high = m["knn"]["masked_ce_ci95"]
+        assert low <= m["knn"]["masked_ce"] <= high
+        counts = metrics["imputation_counts"][rate]["scores"]
+        assert set(counts) == {"model", *baselines, "gene_mean", "knn_mean"}
+        assert counts["model"]["num_masked"] == m["model"]["num_masked"]
     assert metrics["masked"]["0.7"]["model"]["num_masked"] > metrics["masked"]["0.3"]["model"]["num_masked"]
     assert metrics["nelbo"]["nelbo"] < 1e-8
     # a perfect generator reproduces the held-out half exactly: generated == reference, metric by metric
     gen, ref = metrics["generation"]["generated"], metrics["generation"]["reference"]
     assert gen == pytest.approx(ref)
-    np.testing.assert_allclose(arrays.pca_generated.shape, (20, arrays.pca_real.shape[1]))
+    assert arrays.pca["generated"].shape == arrays.pca["held_out"].shape == (20, arrays.pca["real"].shape[1])
+    np.testing.assert_allclose(arrays.pca["generated"], arrays.pca["held_out"])
+    assert metrics["generation"]["pca_fit_cells"] == 60  # the PCA is fitted on the train cells, not on A
     assert "perturbation" not in metrics  # no drug labels
 
     files = write_report(tmp_path, metrics, arrays)
@@ -107,7 +121,9 @@ def test_evaluate_scores_model_and_baselines_on_the_same_masks(tmp_path):
     page = (tmp_path / "summary.md").read_text()
     for png in ("mask_rate.png", "calibration.png", "confusion.png", "pca.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in page
-    assert f"| 0.3 | kNN | {metrics['masked']['0.3']['knn']['masked_ce']:.4f} |" in page
+    best = metrics["margins"]["0.3"]["best_baseline"]
+    assert best == "knn"  # a gene's bin never varies: kNN's votes all agree, on top of the (peaked) marginal
+    assert f"| 0.3 | kNN (best baseline) | {metrics['masked']['0.3']['knn']['masked_ce']:.4f} [" in page
     assert len(files) == 6
 
 
@@ -129,7 +145,8 @@ def test_uniform_model_scores_log_k():
 
 def test_perturbation_recovers_a_drug_effect_the_model_knows():
     labels = LabelVocab({"cell_line_id": ["L1"], "drug": ["DMSO_TF", "d1"]})
-    collator = CellCollator(max_length=64, binning=BINNING, labels=labels, conditions=["cell_line_id", "drug"])
+    # 40 genes per cell, 16 per model row: perturbation scores whole cells, generated in chunks of 16
+    collator = CellCollator(max_length=16, binning=BINNING, labels=labels, conditions=["cell_line_id", "drug"])
     train, test = _samples(40, seed=1, drug_shift=True), _samples(120, seed=2, drug_shift=True)
     oracle = _oracle(collator, train + test, drugs=3)
     settings = EvalSettings(
@@ -143,10 +160,21 @@ def test_perturbation_recovers_a_drug_effect_the_model_knows():
     )
     metrics, arrays = evaluate(oracle, collator, MaskedDiffusion(DiffusionConfig(), K), train, test, settings)
     pert = metrics["perturbation"]
-    assert pert["generated"]["num_groups"] == pert["reference"]["num_groups"] == 1
-    # generated on control panels with d1 labels, the known effect (d1 doubles every count) is recovered exactly
-    assert pert["generated"]["mean_delta_pearson"] == pytest.approx(1.0)
-    assert pert["generated"]["mean_top_k_overlap"] == pytest.approx(1.0)
-    assert pert["reference"]["mean_delta_pearson"] == pytest.approx(1.0)
+    assert pert["num_groups"] == 1
+    scores = {name: p["mean"] for name, p in pert["predictors"].items()}
+    # generated on control panels with d1 labels, the known effect (d1 doubles every count) is recovered exactly;
+    # the other half of the real cells is identical (a gene's count is fixed), and so is the train mean of
+    # treated cells (d1 is the only drug)
+    for name in ("model", "real_half", "perturbation_mean"):
+        assert scores[name]["pearson_delta"] == pytest.approx(1.0)
+        assert scores[name]["mae"] == pytest.approx(0.0, abs=1e-12)
+        assert scores[name]["direction_match"] == pytest.approx(1.0)
+        assert scores[name]["overlap_at_k"] == pytest.approx(1.0)
+    # the control mean predicts no effect: no correlation is defined, no direction matches, and its error is
+    # the effect itself: mean over genes of |bin(2c) - bin(c)|, bins of width 10 counts (uniform on [0, 50])
+    assert np.isnan(scores["control_mean"]["pearson_delta"])
+    assert scores["control_mean"]["direction_match"] == 0.0
+    moved = np.minimum(COUNTS * 2, 49) // 10 - COUNTS // 10
+    assert scores["control_mean"]["mae"] == pytest.approx(np.abs(moved).mean())
     np.testing.assert_allclose(arrays.delta_generated, arrays.delta_real)
     assert arrays.delta_real.shape == arrays.delta_generated.shape == (40,)

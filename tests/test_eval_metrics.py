@@ -8,17 +8,15 @@ import pytest
 from ddsc.eval.metrics import (
     PCA,
     MaskedPredictionStats,
-    delta_agreement,
     energy_distance,
     gene_stat_correlations,
     knn_classifier_auc,
     masked_prediction_metrics,
     median_bandwidth,
     mmd_rbf,
+    pc_variance_ratio,
     pearson,
-    pseudobulk_deltas,
     roc_auc,
-    top_k_overlap,
 )
 
 PROBS = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
@@ -100,20 +98,18 @@ def test_pca_matches_covariance_eigendecomposition():
     assert pca.transform(x.mean(0, keepdims=True)) == pytest.approx(np.zeros((1, 2)), abs=1e-9)
 
 
-def test_pseudobulk_deltas_and_agreement_by_hand():
-    x = np.array([[1, 0], [3, 2], [5, 5], [7, 3], [9, 9]], float)
-    deltas = pseudobulk_deltas(x, ["A", "A", "A", "A", "B"], ["DMSO_TF", "DMSO_TF", "d1", "d1", "d1"])
-    assert list(deltas) == [("A", "d1")]  # B has no control cells: skipped
-    np.testing.assert_allclose(deltas[("A", "d1")], [4.0, 3.0])  # (6,4) - (2,1)
-    assert top_k_overlap(np.array([5, -4, 1, 0]), np.array([0, 3, -6, 1]), k=2) == pytest.approx(0.5)
-    ref = {("A", "d1"): np.array([1.0, 2.0, 3.0]), ("A", "d2"): np.array([3.0, 0.0, 1.0])}
-    pred = {
-        ("A", "d1"): np.array([2.0, 4.0, 7.0]),
-        ("A", "d2"): np.array([-3.0, 0.0, -1.0]),
-        ("B", "d1"): ref["A", "d1"],
-    }
-    out = delta_agreement(ref, pred, top_k=1)
-    assert out["num_groups"] == 2
-    assert out["groups"]["A|d2"]["delta_pearson"] == pytest.approx(-1.0)
-    assert out["mean_delta_pearson"] == pytest.approx((5 / np.sqrt(2 * 114 / 9) - 1.0) / 2)
-    assert out["mean_top_k_overlap"] == pytest.approx(1.0)  # top gene agrees in both groups
+def test_per_cell_sums_follow_the_cell_of_each_position():
+    stats = MaskedPredictionStats(num_bins=3)
+    stats.update(PROBS[:2], TARGETS[:2], cells=np.array([4, 1]))
+    stats.update(PROBS[2:], TARGETS[2:], cells=np.array([1, 1]))
+    ce = -np.log([0.5, 0.3, 0.2, 0.9])
+    np.testing.assert_allclose(stats.cell_n, [0, 3, 0, 0, 1])
+    np.testing.assert_allclose(stats.cell_ce, [0, ce[1] + ce[2] + ce[3], 0, 0, ce[0]])
+    assert stats.cell_ce.sum() / stats.cell_n.sum() == pytest.approx(stats.summary()["masked_ce"])
+
+
+def test_pc_variance_ratio_by_hand():
+    real = np.array([[1.0, 0.0], [-1.0, 0.0], [3.0, 2.0], [-3.0, -2.0]])  # variances 5 and 2
+    narrow = real * np.array([0.5, 1.0])  # first PC a quarter of the variance, second unchanged
+    assert pc_variance_ratio(real, narrow, components=2) == pytest.approx((0.25 + 1.0) / 2)
+    assert pc_variance_ratio(real, narrow, components=1) == pytest.approx(0.25)

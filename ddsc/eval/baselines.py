@@ -1,34 +1,43 @@
 """Baselines for masked-bin prediction, scored on the same masks and with the same metrics as the model.
 
-A model that cannot beat these has not learned anything beyond "gene X is usually in bin Y":
-- :class:`GeneMarginalBaseline`: the per-gene bin distribution of the train split.
+A model that cannot beat these has learned nothing a lookup table or the cell's own visible bins do not give:
+- :class:`GeneMarginalBaseline`: the per-gene bin distribution of the train split ("gene X is usually in bin Y").
 - :class:`KNNBaseline`: the bins of the ``k`` train cells nearest to the query on its observed genes.
-Both return predictive distributions (never a hard guess), smoothed so the cross-entropy stays finite: the
-marginal backs off to the global bin distribution, kNN backs off to the gene's marginal.
+- :class:`CellHistogramBaseline`: the histogram of the query cell's own observed bins, knowing nothing about
+  genes. With per-cell quantile bins, ties (most UMI counts are 1-3) give every cell a very uneven bin
+  histogram, and the visible part of the cell reveals it: a strong predictor at low mask rates.
+- :class:`GeneCellProductBaseline`: per-gene marginal x cell histogram / global bin prior, renormalised (what
+  the gene usually does, reweighted by which bins this cell uses): usually the strongest of the four.
+All return predictive distributions (never a hard guess), smoothed so the cross-entropy stays finite: the
+marginal and the cell histogram back off to the global bin distribution, kNN backs off to the gene's marginal.
+The cell histogram's smoothing is fitted on masked train cells (:func:`smoothing_queries`), never on the
+evaluation cells.
 
 A cell is given as ``(genes, bins)``: gene token ids and their expression bins ``0..K-1`` (as collated).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
+from ddsc.eval.masks import cell_mask
+
 Cell = tuple[np.ndarray, np.ndarray]  # (gene ids, bins)
 Query = tuple[np.ndarray, np.ndarray, np.ndarray]  # (gene ids, bins, masked): predict bins where masked
 
 
-def _gene_index(genes: np.ndarray) -> np.ndarray:
+def gene_index(genes: np.ndarray) -> np.ndarray:
     """Lookup table gene id -> row/column (``-1`` for genes never seen)."""
     index = np.full(int(genes.max()) + 1 if len(genes) else 1, -1, dtype=np.int64)
     index[genes] = np.arange(len(genes))
     return index
 
 
-def _lookup(index: np.ndarray, genes: np.ndarray) -> np.ndarray:
+def lookup(index: np.ndarray, genes: np.ndarray) -> np.ndarray:
     genes = np.asarray(genes, dtype=np.int64)
     known = (genes >= 0) & (genes < len(index))
     return np.where(known, index[np.where(known, genes, 0)], -1)
@@ -48,7 +57,7 @@ class GeneMarginalBaseline:
     alpha: float = 1.0
 
     def __post_init__(self) -> None:
-        self.index = _gene_index(self.genes)
+        self.index = gene_index(self.genes)
 
     @classmethod
     def fit(cls, cells: Iterable[Cell], num_bins: int, alpha: float = 1.0) -> GeneMarginalBaseline:
@@ -69,7 +78,7 @@ class GeneMarginalBaseline:
 
     def gene_probs(self, genes: np.ndarray) -> np.ndarray:
         """Predictive distributions ``[n, K]`` for the given gene ids."""
-        row = _lookup(self.index, genes)
+        row = lookup(self.index, genes)
         counts = np.where(row[:, None] >= 0, self.counts[np.maximum(row, 0)], 0).astype(np.float64)
         return (counts + self.alpha * self.global_probs) / (counts.sum(1, keepdims=True) + self.alpha)
 
@@ -110,12 +119,12 @@ class KNNBaseline:
         train.sum_duplicates()
         return cls(marginal, train, train.multiply(train).tocsr(), gene_col, k, alpha)
 
-    def _neighbours(self, queries: Sequence[Query]) -> np.ndarray:
+    def neighbours(self, queries: Sequence[Query]) -> np.ndarray:
         """Indices ``[len(queries), k]`` of the nearest train cells on each query's observed genes."""
         n_genes = self.train.shape[1]
         rows, cols, vals = [], [], []
         for i, (genes, bins, masked) in enumerate(queries):
-            col = _lookup(self.gene_col, np.asarray(genes)[~masked])
+            col = lookup(self.gene_col, np.asarray(genes)[~masked])
             keep = col >= 0  # observed genes unseen in train carry no distance information
             rows.append(np.full(int(keep.sum()), i))
             cols.append(col[keep])
@@ -137,10 +146,10 @@ class KNNBaseline:
         out = []
         for start in range(0, len(queries), self.chunk):
             part = queries[start : start + self.chunk]
-            for (genes, _, masked), nbrs in zip(part, self._neighbours(part), strict=True):
+            for (genes, _, masked), nbrs in zip(part, self.neighbours(part), strict=True):
                 target = np.asarray(genes)[masked]
                 prior = self.marginal.gene_probs(target)
-                col = _lookup(self.gene_col, target)
+                col = lookup(self.gene_col, target)
                 votes = np.zeros_like(prior)
                 known = col >= 0
                 if known.any():
@@ -149,3 +158,84 @@ class KNNBaseline:
                     np.add.at(votes, (np.flatnonzero(known)[gene], values[voter, gene] - 1), 1.0)
                 out.append((votes + self.alpha * prior) / (votes.sum(1, keepdims=True) + self.alpha))
         return np.concatenate(out) if out else np.zeros((0, self.marginal.num_bins))
+
+
+SMOOTHING_GRID: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def masked_ce(predict: Callable[[Sequence[Query]], np.ndarray], queries: Sequence[Query]) -> float:
+    """Mean CE (nats) of ``predict`` on the masked bins of ``queries``."""
+    targets = np.concatenate([np.asarray(b)[m] for _, b, m in queries])
+    return float(-np.log(predict(queries)[np.arange(len(targets)), targets]).mean())
+
+
+@dataclass
+class CellHistogramBaseline:
+    """p(bin | cell) = (observed[bin] + alpha * p_global(bin)) / (num observed + alpha), the same for every
+    masked gene of the cell: ``observed`` counts the cell's unmasked bins (gene identities are ignored).
+
+    ``alpha`` is fitted (:meth:`fit`) on masked train cells: a cell shows a few dozen bins, so how far to trust
+    its histogram over the global one matters (on mouse10k the best alpha, about 10, beats alpha = 1 by up to
+    0.18 nats), and the strongest version of a baseline is the one to beat.
+    """
+
+    global_probs: np.ndarray  # [K], the train split's smoothed bin histogram (GeneMarginalBaseline.global_probs)
+    alpha: float = 1.0
+
+    @classmethod
+    def fit(cls, global_probs: np.ndarray, queries: Sequence[Query]) -> CellHistogramBaseline:
+        """The ``SMOOTHING_GRID`` alpha with the lowest masked CE on (masked train) ``queries``."""
+        return min((cls(global_probs, a) for a in SMOOTHING_GRID), key=lambda b: masked_ce(b.predict, queries))
+
+    def cell_probs(self, queries: Sequence[Query]) -> np.ndarray:
+        """One distribution ``[len(queries), K]`` per query cell."""
+        k = len(self.global_probs)
+        out = np.empty((len(queries), k))
+        for i, (_, bins, masked) in enumerate(queries):
+            observed = np.bincount(np.asarray(bins, np.int64)[~np.asarray(masked)], minlength=k)
+            out[i] = (observed + self.alpha * self.global_probs) / (observed.sum() + self.alpha)
+        return out
+
+    def predict(self, queries: Sequence[Query]) -> np.ndarray:
+        """Probabilities ``[total masked, K]``: each cell's distribution repeated for its masked genes."""
+        per_cell = self.cell_probs(queries)
+        return np.repeat(per_cell, [int(np.count_nonzero(m)) for _, _, m in queries], axis=0)
+
+
+@dataclass
+class GeneCellProductBaseline:
+    """p(bin | gene, cell) proportional to p_marginal(bin | gene) * p_cell(bin) / p_global(bin), renormalised.
+
+    The naive-Bayes combination of the two: gene and cell evidence taken as independent given the bin. Each
+    factor already contains the bin prior once, so the plain product would count it twice and be overconfident
+    in the common bins (on mouse10k, where most counts tie in the lowest bin, the plain product scored 1.72 nats
+    at mask rate 0.1, worse than either factor, and this one 0.95, both with the fitted alpha = 10). Its cell histogram's alpha is fitted for the
+    product (:meth:`fit`); every factor is smoothed, so the result is positive everywhere.
+    """
+
+    marginal: GeneMarginalBaseline
+    cell: CellHistogramBaseline
+
+    @classmethod
+    def fit(cls, marginal: GeneMarginalBaseline, queries: Sequence[Query]) -> GeneCellProductBaseline:
+        """The ``SMOOTHING_GRID`` alpha of the cell factor with the lowest masked CE on ``queries``."""
+        candidates = [cls(marginal, CellHistogramBaseline(marginal.global_probs, a)) for a in SMOOTHING_GRID]
+        return min(candidates, key=lambda b: masked_ce(b.predict, queries))
+
+    def predict(self, queries: Sequence[Query]) -> np.ndarray:
+        product = self.marginal.predict(queries) * self.cell.predict(queries) / self.marginal.global_probs
+        return product / product.sum(axis=1, keepdims=True)
+
+
+SMOOTHING_RATE = 0.5  # one alpha for every mask rate: on mouse10k the best alpha is the same at 0.1, 0.5 and 0.9
+SMOOTHING_CELLS = 1000
+
+
+def smoothing_queries(cells: Sequence[tuple[str, np.ndarray, np.ndarray]], seed: int) -> list[Query]:
+    """Up to ``SMOOTHING_CELLS`` train cells ``(cell id, genes, bins)`` (a seeded subset) as queries with their
+    fixed masks at ``SMOOTHING_RATE``: the data the cell histogram's smoothing is fitted on."""
+    cells = [c for c in cells if len(c[1])]
+    if len(cells) > SMOOTHING_CELLS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(cells), SMOOTHING_CELLS, replace=False))
+        cells = [cells[i] for i in keep]
+    return [(genes, bins, cell_mask(cell_id, genes, SMOOTHING_RATE, seed)) for cell_id, genes, bins in cells]

@@ -8,6 +8,7 @@ collator's batch layout, optionally with other condition labels (counterfactual 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,13 +21,15 @@ from ddsc.data.tokens import GENE_CLS, ExpressionTokens
 
 @dataclass
 class EvalCells:
-    """Collated cells: per cell its id, gene ids and bins (real positions only), condition ids and metadata."""
+    """Collated cells: per cell its id, gene ids, bins and raw counts (real positions only), condition ids and
+    metadata. ``counts`` is None for cells that have no counts of their own (generated cells, panels)."""
 
     cell_ids: list[str]
     genes: list[np.ndarray]  # int64 per cell
     bins: list[np.ndarray]  # int64 per cell, 0..K-1
     cond: np.ndarray  # int64 [N, C]
     metadata: dict[str, list[str]]  # metadata columns present in the samples, one string per cell
+    counts: list[np.ndarray] | None = None  # float64 per cell: the raw count behind each bin
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -43,6 +46,7 @@ class EvalCells:
             [self.bins[i] for i in idx],
             self.cond[idx],
             {c: [v[i] for i in idx] for c, v in self.metadata.items()},
+            None if self.counts is None else [self.counts[i] for i in idx],
         )
 
 
@@ -59,10 +63,17 @@ def fresh_collator(collator: CellCollator, seed: int, max_length: int | None = N
     )
 
 
-def collate_cells(collator: CellCollator, samples: Sequence[dict], batch_size: int = 256) -> EvalCells:
-    """Collate ``samples`` in order (fixed chunks) and keep each cell's real positions."""
-    cell_ids, genes, bins, cond = [], [], [], []
-    columns = [c for c in ("cell_line_id", "drug", "dose", "plate", "sample") if samples and c in samples[0]]
+METADATA = ("cell_line_id", "drug", "dose", "plate", "sample")
+
+
+def collate_cells(
+    collator: CellCollator, samples: Sequence[dict], batch_size: int = 256, columns: Sequence[str] = ()
+) -> EvalCells:
+    """Collate ``samples`` in order (fixed chunks) and keep each cell's real positions, its counts and the
+    metadata columns present in the samples (``METADATA`` and the extra ``columns``, e.g. labels to score
+    embeddings with)."""
+    cell_ids, genes, bins, counts, cond = [], [], [], [], []
+    columns = [c for c in dict.fromkeys([*METADATA, *columns]) if samples and c in samples[0]]
     metadata: dict[str, list[str]] = {c: [] for c in columns}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -72,11 +83,12 @@ def collate_cells(collator: CellCollator, samples: Sequence[dict], batch_size: i
             cell_ids.append(str(sample["cell_id"]))
             genes.append(batch["gene_ids"][row, real].numpy().astype(np.int64))
             bins.append(batch["expr"][row, real].numpy().astype(np.int64))
+            counts.append(batch["counts"][row, real].numpy().astype(np.float64))
             for c in columns:
                 metadata[c].append(str(sample.get(c, "")))
         cond.append(batch["cond"].numpy())
     cond_arr = np.concatenate(cond) if cond else np.zeros((0, len(collator.conditions)), np.int64)
-    return EvalCells(cell_ids, genes, bins, cond_arr, metadata)
+    return EvalCells(cell_ids, genes, bins, cond_arr, metadata, counts)
 
 
 def pack(cells: EvalCells, idx: Sequence[int], tokens: ExpressionTokens, cond: np.ndarray | None = None) -> dict:
@@ -100,3 +112,19 @@ def length_batches(cells: EvalCells, idx: Sequence[int], batch_size: int) -> lis
     idx = list(idx)
     order = sorted(idx, key=lambda i: (len(cells.genes[i]), i))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def split_into_panels(cells: EvalCells, max_length: int, seed: int) -> EvalCells:
+    """Every cell cut into random chunks of at most ``max_length`` genes (bins kept: they are per whole cell)."""
+    rng = np.random.default_rng(seed)
+    ids, genes, bins, rows = [], [], [], []
+    for i in range(len(cells)):
+        n = len(cells.genes[i])
+        for k, part in enumerate(np.array_split(rng.permutation(n), max(1, math.ceil(n / max_length)))):
+            part = np.sort(part)
+            ids.append(f"{cells.cell_ids[i]}#{k}")
+            genes.append(cells.genes[i][part])
+            bins.append(cells.bins[i][part])
+            rows.append(i)
+    metadata = {c: [v[i] for i in rows] for c, v in cells.metadata.items()}
+    return EvalCells(ids, genes, bins, cells.cond[rows], metadata)

@@ -1,14 +1,22 @@
-"""Evaluate a model: masked prediction vs baselines, NELBO, generation and perturbation metrics, a report.
+"""Evaluate a model: masked prediction and count imputation vs baselines, NELBO, generation, perturbation
+and embedding metrics, a report.
 
 Usage: ``ddsc evaluate --model DIR --data MDS_DIR|X.h5ad --out REPORT_DIR``. Everything is seeded: the
 evaluation cells, their fixed masks (the same for the model and the baselines), the NELBO noise and the
 sampler, so two runs on the same model give the same numbers. The baselines are fitted on the train split
 (MDS) or, for an .h5ad, on a seeded half of its cells (the other half is evaluated).
 
-``metrics.json`` layout: ``setup``; ``masked.{rate}.{model|marginal|knn}`` (masked_ce, masked_acc,
-masked_acc_pm1, ece, num_masked, and for every predictor ``confusion`` [true bin][predicted bin], for the
-model also ``calibration``); ``margins.{rate}`` (baseline CE minus model CE, > 0 = model better); ``nelbo``;
-``generation`` and ``perturbation`` with ``generated`` and ``reference`` (held-out real) values;
+``metrics.json`` layout (95% intervals: percentile bootstrap over evaluation cells, ``*_ci95`` = [low, high]):
+``setup``; ``masked.{rate}.{model|marginal|knn|cell_histogram|gene_cell_product}`` (masked_ce and its
+``masked_ce_ci95``, masked_acc, masked_acc_pm1, ece, num_masked, for every predictor ``confusion`` [true bin]
+[predicted bin], for the model also ``calibration``); ``margins.{rate}``: ``vs_{baseline}`` (baseline CE minus
+model CE, > 0 = model better) for each baseline, ``best_baseline`` (the lowest CE), ``vs_best`` and its paired
+``vs_best_ci95``; ``imputation_counts.{rate}``: ``scores.{predictor}`` (Pearson with its interval and Spearman
+on log1p counts, see :mod:`ddsc.eval.counts`), ``best_baseline``, ``model_minus_best`` (Pearson); ``nelbo``;
+``generation`` with ``generated`` and ``reference`` (held-out real) values, in a PCA of the baseline train
+cells; ``perturbation`` (cell-eval metrics, see :mod:`ddsc.eval.perturbation`): ``predictors.{model|
+control_mean|perturbation_mean|real_half}`` with ``mean``, ``ci95`` (over groups) and ``groups``;
+``embedding.{label column}.{ddsc_cls|ddsc_mean|pca50_log1p}`` (see :mod:`ddsc.eval.embedding`);
 ``ground_truth`` (demo data: the model's drug effects against the saved true ones, see
 :mod:`ddsc.eval.ground_truth`) with ``expected`` (the model's conditional mean bins), ``generated`` (sampled
 cells) and ``reference`` (real held-out cells) per "cell line|drug|dose" group, their means and per-dose means.
@@ -23,6 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ddsc.commands.model_args import user_errors
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
@@ -33,6 +43,8 @@ if TYPE_CHECKING:  # torch-heavy modules are imported where used, so ``ddsc --he
     from ddsc.eval.report import ReportArrays
     from ddsc.inference import Predictor
 
+DEFAULT_LABELS = ("cell_line_id", "drug", "dose")  # embedding labels scored when the data carry them
+
 
 def evaluate(
     model: Callable,
@@ -41,15 +53,23 @@ def evaluate(
     train_samples: Sequence[dict],
     eval_samples: Sequence[dict],
     settings: EvalSettings,
+    embed: Callable[[Sequence[dict]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict, ReportArrays]:
-    """All metrics for ``model`` (a DiT-like denoiser in eval mode) on ``eval_samples`` (MDS-style dicts)."""
+    """All metrics for ``model`` (a DiT-like denoiser in eval mode) on ``eval_samples`` (MDS-style dicts).
+
+    ``embed`` (samples -> ``{name: [n, d]}``, e.g. :func:`embed_samples`, i.e. ``ddsc embed``) enables the
+    embedding evaluation on the label columns of the samples.
+    """
     from ddsc.data.tokens import ExpressionTokens
-    from ddsc.eval.baselines import KNNBaseline
+    from ddsc.eval.baselines import CellHistogramBaseline, GeneCellProductBaseline, KNNBaseline, smoothing_queries
+    from ddsc.eval.bootstrap import resample_weights
     from ddsc.eval.cells import collate_cells, fresh_collator, length_batches
-    from ddsc.eval.generation import generation_eval, perturbation_eval
-    from ddsc.eval.masked import masked_prediction, nelbo_grid
+    from ddsc.eval.counts import KNNMeanCounts, count_summary
+    from ddsc.eval.generation import generation_eval, has_treatments, perturbation_eval
+    from ddsc.eval.masked import masked_prediction, masked_summary, nelbo_grid
     from ddsc.eval.report import ReportArrays
 
+    labels = embedding_labels(eval_samples, settings.embed_labels) if embed is not None else {}  # fails early
     collator = fresh_collator(collator, settings.seed)
     tokens = ExpressionTokens(diffusion.num_bins)
     train = collate_cells(collator, train_samples)
@@ -57,26 +77,45 @@ def evaluate(
     if not len(cells) or not len(train):
         raise ValueError(f"need train and evaluation cells, got {len(train)} train and {len(cells)} evaluation")
     knn = KNNBaseline.fit(train.pairs(), tokens.num_bins, k=settings.knn_k, alpha=settings.smoothing)
-    baselines = {"marginal": knn.marginal.predict, "knn": knn.predict}
+    fit_queries = smoothing_queries(list(zip(train.cell_ids, train.genes, train.bins, strict=True)), settings.seed)
+    histogram = CellHistogramBaseline.fit(knn.marginal.global_probs, fit_queries)
+    product = GeneCellProductBaseline.fit(knn.marginal, fit_queries)
+    baselines = {
+        "marginal": knn.marginal.predict,
+        "knn": knn.predict,
+        "cell_histogram": histogram.predict,
+        "gene_cell_product": product.predict,
+    }
+    knn_counts = KNNMeanCounts.fit(knn, train)
+    imputers = {"gene_mean": knn_counts.gene_mean.predict, "knn_mean": knn_counts.predict}
     batches = length_batches(cells, range(len(cells)), settings.batch_size)
     device = settings.device
-    metrics: dict = {"setup": {"eval_cells": len(cells), "baseline_train_cells": len(train), "seed": settings.seed}}
-
-    stats = masked_prediction(model, diffusion, cells, batches, baselines, settings.mask_rates, settings.seed, device)
-    metrics["masked"] = {
-        rate: {
-            name: {
-                **s.summary(),
-                "confusion": s.confusion,
-                **({"calibration": s.calibration()} if name == "model" else {}),
-            }
-            for name, s in by_name.items()
+    metrics: dict = {
+        "setup": {
+            "eval_cells": len(cells),
+            "baseline_train_cells": len(train),
+            "seed": settings.seed,
+            "cell_histogram_alpha": {"cell_histogram": histogram.alpha, "gene_cell_product": product.cell.alpha},
         }
-        for rate, by_name in stats.items()
     }
-    metrics["margins"] = {
-        rate: {f"vs_{b}": m[b]["masked_ce"] - m["model"]["masked_ce"] for b in baselines}
-        for rate, m in metrics["masked"].items()
+
+    results = masked_prediction(
+        model,
+        diffusion,
+        cells,
+        batches,
+        baselines,
+        settings.mask_rates,
+        settings.seed,
+        device,
+        binning=collator.binning,
+        count_imputers=imputers,
+    )
+    weights = resample_weights(len(cells), seed=settings.seed)
+    metrics["masked"], metrics["margins"] = masked_summary(results.bins, weights)
+    metrics["imputation_counts"] = {
+        rate: count_summary(by_name, weights, list(baselines) + list(imputers))
+        for rate, by_name in results.counts.items()
     }
     if settings.nelbo_points:
         metrics["nelbo"] = nelbo_grid(model, diffusion, cells, batches, settings.nelbo_points, settings.seed, device)
@@ -91,21 +130,28 @@ def evaluate(
             device=device,
             diffusion_cfg=diffusion.cfg,
         )
-        metrics["generation"], arrays.pca_real, arrays.pca_generated = generation_eval(
-            model, cells, tokens, settings.sampler, **common
-        )
-        pert = perturbation_eval(
-            model,
-            cells,
-            tokens,
-            settings.sampler,
-            control=settings.control,
-            min_cells=settings.min_group_cells,
-            top_k=settings.top_k,
-            **common,
-        )
-        if pert is not None:
-            metrics["perturbation"], arrays.delta_real, arrays.delta_generated = pert
+        metrics["generation"], arrays.pca = generation_eval(model, cells, train, tokens, settings.sampler, **common)
+        if has_treatments(cells, settings.control):
+            whole = fresh_collator(collator, settings.seed, max_length=1 << 30)  # every gene of every cell
+            pert = perturbation_eval(
+                model,
+                collate_cells(whole, eval_samples),
+                collate_cells(whole, train_samples),
+                tokens,
+                settings.sampler,
+                max_length=collator.max_length,
+                control=settings.control,
+                min_cells=settings.min_group_cells,
+                top_k=settings.top_k,
+                **common,
+            )
+            if pert is not None:
+                metrics["perturbation"], arrays.delta_real, arrays.delta_generated = pert
+    if embed is not None and labels:
+        from ddsc.eval.embedding import embedding_eval, pca_baseline
+
+        embeddings = {**embed(eval_samples), "pca50_log1p": pca_baseline(eval_samples)}
+        metrics["embedding"] = embedding_eval(embeddings, labels, k=settings.knn_k, seed=settings.seed)
     if settings.ground_truth:
         from ddsc.eval.ground_truth import DrugEffects, ground_truth_eval
 
@@ -130,6 +176,18 @@ def evaluate(
     return metrics, arrays
 
 
+def embedding_labels(samples: Sequence[dict], columns: Sequence[str]) -> dict[str, list[str]]:
+    """Label columns to score embeddings with: the named ``columns`` (an error when a sample lacks one), or by
+    default those of ``DEFAULT_LABELS`` present with at least two distinct values."""
+    if columns:
+        for column in columns:
+            if any(column not in s for s in samples):
+                raise ValueError(f"--embed-labels: the evaluation cells have no column {column!r}")
+        return {c: [str(s[c]) for s in samples] for c in columns}
+    found = {c: [str(s.get(c, "")) for s in samples] for c in DEFAULT_LABELS}
+    return {c: v for c, v in found.items() if len(set(v)) > 1}
+
+
 # --------------------------------------------------------------------------------------------- data input
 
 
@@ -138,7 +196,6 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
 
     Read through ``StreamingDataset`` (unshuffled), like training, so compressed shards are handled.
     """
-    import numpy as np
     from streaming import StreamingDataset
 
     if not (split_dir / "index.json").is_file():
@@ -147,6 +204,28 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
     n = len(dataset)
     idx = range(n) if n <= max_cells else np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
     return [dataset[int(i)] for i in idx]
+
+
+def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """``ddsc embed`` of evaluation samples: they become an AnnData over the model's genes (Ensembl ids and
+    symbols in ``var``, as a user's file would have them) and go through ``Predictor.embed`` unchanged."""
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    vocab = predictor.vocab
+    column = np.full(len(vocab), -1, dtype=np.int64)
+    column[vocab.token_ids] = np.arange(vocab.num_genes)
+    rows = np.repeat(np.arange(len(samples)), [len(s["genes"]) for s in samples])
+    cols = column[np.concatenate([np.asarray(s["genes"], np.int64) for s in samples])]
+    counts = np.concatenate([np.asarray(s["counts"], np.float32) for s in samples])
+    x = sp.csr_matrix((counts, (rows, cols)), shape=(len(samples), vocab.num_genes))
+    var = pd.DataFrame(
+        {"gene_ids": vocab.ensembl_ids, "gene_symbols": vocab.symbols},
+        index=[f"token{t}" for t in vocab.token_ids],
+    )
+    out = predictor.embed(anndata.AnnData(x, var=var), seed=seed)
+    return {"ddsc_cls": out.obsm["X_ddsc_cls"], "ddsc_mean": out.obsm["X_ddsc_mean"]}
 
 
 def load_data(
@@ -172,7 +251,13 @@ def load_data(
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         adata = anndata.read_h5ad(data)
+        missing = [c for c in settings.embed_labels if c not in adata.obs]
+        if missing:
+            raise ValueError(f"--embed-labels: {data} has no obs column {missing[0]!r}")
         samples, matched = predictor.samples_from_anndata(adata)
+        for column in settings.embed_labels:  # any obs column the user names can label the embeddings
+            for sample, value in zip(samples, adata.obs[column].astype(str), strict=True):
+                sample[column] = value
         empty = sum(1 for s in samples if not len(s["genes"]))
         samples = [s for s in samples if len(s["genes"])]
         fit = [s for s in samples if unit_hash(settings.seed, str(s["cell_id"])) < baseline_fraction]
@@ -215,7 +300,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--max-genes", type=int, default=1000, help="genes used by the generation metrics")
-    parser.add_argument("--top-k", type=int, default=50, help="top DE genes compared per (cell line, drug)")
+    parser.add_argument("--top-k", type=int, default=50, help="perturbation: k of overlap_at_k (top DE genes)")
+    parser.add_argument(
+        "--min-group-cells",
+        type=int,
+        default=3,
+        help="perturbation: cells a (cell line, treatment) group needs in each half (and controls per cell line)",
+    )
     parser.add_argument(
         "--ground-truth",
         type=Path,
@@ -235,6 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         help="ground truth: of these, control cells per cell line whose panels are also sampled (0: none)",
     )
+    parser.add_argument(
+        "--embed-labels",
+        default="",
+        help="comma-separated label columns (obs columns of an .h5ad) to score `ddsc embed` embeddings with; "
+        "default: cell_line_id, drug and dose where present",
+    )
     parser.add_argument("--device", default="cpu")
 
 
@@ -252,20 +349,25 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         generate_cells=args.generate_cells,
         max_genes=args.max_genes,
         top_k=args.top_k,
+        min_group_cells=args.min_group_cells,
         sampler=sampler,
         device=args.device,
         ground_truth=None if args.ground_truth is None else str(args.ground_truth),
         truth_control_cells=args.truth_control_cells,
         truth_sampled_cells=args.truth_sampled_cells,
+        embed_labels=tuple(c for c in args.embed_labels.split(",") if c),
     )
 
 
 def summary_line(metrics: dict) -> str:
     parts = []
     for rate, m in metrics["masked"].items():
+        margin = metrics["margins"][rate]
+        best = margin["best_baseline"]
+        low, high = margin["vs_best_ci95"]
         parts.append(
-            f"r={rate}: CE {m['model']['masked_ce']:.3f} (marginal {m['marginal']['masked_ce']:.3f}, "
-            f"kNN {m['knn']['masked_ce']:.3f})"
+            f"r={rate}: CE {m['model']['masked_ce']:.3f} (best baseline {best} {m[best]['masked_ce']:.3f}, "
+            f"margin {margin['vs_best']:+.3f} [{low:+.3f}, {high:+.3f}])"
         )
     return "; ".join(parts)
 
@@ -294,7 +396,15 @@ def run(args: argparse.Namespace) -> int:
         args.max_train_cells,
         args.baseline_fraction,
     )
-    metrics, arrays = evaluate(predictor.model, predictor.collator, diffusion, train, evaluation, settings)
+    metrics, arrays = evaluate(
+        predictor.model,
+        predictor.collator,
+        diffusion,
+        train,
+        evaluation,
+        settings,
+        embed=lambda samples: embed_samples(predictor, samples, settings.seed),
+    )
     metrics["setup"].update({"model": str(args.model), "data": source, "settings": asdict(settings)})
     files = write_report(args.out, metrics, arrays)
     print(f"evaluated {len(evaluation)} cells in {time.perf_counter() - start:.0f}s: {summary_line(metrics)}")

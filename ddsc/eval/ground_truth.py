@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ddsc.data.collator import CellCollator
 from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.samplers import guided_log_probs
-from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches, pack
+from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches, pack, split_into_panels
 from ddsc.eval.generation import generate_bins
 from ddsc.eval.metrics import pearson
 from ddsc.eval.settings import SamplerSettings
@@ -101,22 +101,6 @@ def find_ground_truth(data: Path) -> Path | None:
             if all(set(axes[c]) <= set(labels.get(c, [])) for c in ("cell_line_id", "drug")):
                 return folder
     return None
-
-
-def split_into_panels(cells: EvalCells, max_length: int, seed: int) -> EvalCells:
-    """Every cell cut into random chunks of at most ``max_length`` genes (bins kept: they are per whole cell)."""
-    rng = np.random.default_rng(seed)
-    ids, genes, bins, rows = [], [], [], []
-    for i in range(len(cells)):
-        n = len(cells.genes[i])
-        for k, part in enumerate(np.array_split(rng.permutation(n), max(1, math.ceil(n / max_length)))):
-            part = np.sort(part)
-            ids.append(f"{cells.cell_ids[i]}#{k}")
-            genes.append(cells.genes[i][part])
-            bins.append(cells.bins[i][part])
-            rows.append(i)
-    metadata = {c: [v[i] for i in rows] for c, v in cells.metadata.items()}
-    return EvalCells(ids, genes, bins, cells.cond[rows], metadata)
 
 
 def mean_bin_per_gene(cells: EvalCells, idx: Sequence[int], values: list[np.ndarray] | None = None):

@@ -1,4 +1,5 @@
-"""Evaluation metrics in plain numpy: masked prediction, generation quality and perturbation effects.
+"""Evaluation metrics in plain numpy: masked prediction and generation quality (perturbation metrics:
+:mod:`ddsc.eval.perturbation`, embeddings: :mod:`ddsc.eval.embedding`).
 
 Every metric here takes arrays, not models, so the model and the baselines are scored by the same code on
 the same masks, and every number can be checked by hand on a tiny input (see tests/test_eval_metrics.py).
@@ -24,7 +25,8 @@ class MaskedPredictionStats:
     """Streaming accumulator of masked-position predictions (sums in float64 / int64).
 
     ``update`` takes predictive probabilities ``[N, K]`` and true bins ``[N]`` for the masked positions of a
-    batch, so any predictor (model softmax, marginal, kNN) is scored identically.
+    batch, so any predictor (model softmax, baselines) is scored identically, and optionally the evaluation
+    cell of each position: per-cell CE sums and counts then feed bootstrap intervals over cells.
     """
 
     num_bins: int
@@ -37,14 +39,18 @@ class MaskedPredictionStats:
     conf_sum: np.ndarray = field(init=False)  # per confidence bin: sum of max probability
     conf_correct: np.ndarray = field(init=False)  # per confidence bin: number correct
     conf_count: np.ndarray = field(init=False)
+    cell_ce: np.ndarray = field(init=False)  # per evaluation cell: sum of CE over its masked positions
+    cell_n: np.ndarray = field(init=False)  # per evaluation cell: number of masked positions
 
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.num_bins, self.num_bins), dtype=np.int64)
         self.conf_sum = np.zeros(self.calibration_bins, dtype=np.float64)
         self.conf_correct = np.zeros(self.calibration_bins, dtype=np.int64)
         self.conf_count = np.zeros(self.calibration_bins, dtype=np.int64)
+        self.cell_ce = np.zeros(0)
+        self.cell_n = np.zeros(0)
 
-    def update(self, probs: np.ndarray, targets: np.ndarray) -> None:
+    def update(self, probs: np.ndarray, targets: np.ndarray, cells: np.ndarray | None = None) -> None:
         probs = np.asarray(probs, dtype=np.float64)
         targets = np.asarray(targets, dtype=np.int64)
         if probs.ndim != 2 or probs.shape[1] != self.num_bins or probs.shape[0] != targets.shape[0]:
@@ -57,7 +63,15 @@ class MaskedPredictionStats:
         conf = probs[np.arange(len(targets)), pred]
         hit = pred == targets
         with np.errstate(divide="ignore"):  # p = 0 for the true bin is an infinite loss, reported as such
-            self.ce_sum += float(-np.log(probs[np.arange(len(targets)), targets]).sum())
+            ce = -np.log(probs[np.arange(len(targets)), targets])
+        self.ce_sum += float(ce.sum())
+        if cells is not None:
+            cells = np.asarray(cells, dtype=np.int64)
+            size = max(len(self.cell_n), int(cells.max()) + 1)
+            self.cell_ce = np.pad(self.cell_ce, (0, size - len(self.cell_ce)))
+            self.cell_n = np.pad(self.cell_n, (0, size - len(self.cell_n)))
+            np.add.at(self.cell_ce, cells, ce)
+            np.add.at(self.cell_n, cells, 1.0)
         self.n += len(targets)
         self.correct += int(hit.sum())
         self.correct_pm1 += int((np.abs(pred - targets) <= 1).sum())
@@ -122,7 +136,8 @@ def gene_stat_correlations(real: np.ndarray, generated: np.ndarray) -> dict[str,
 
 @dataclass
 class PCA:
-    """PCA fitted on real cells only, so generated cells are judged in the real data's own coordinates."""
+    """PCA fitted on one set of cells and applied to others (evaluation: a separate fit set of real cells, so
+    that every compared sample is out of sample)."""
 
     mean: np.ndarray
     components: np.ndarray  # [n_components, genes]
@@ -141,7 +156,7 @@ class PCA:
         return (_dense(x) - self.mean) @ self.components.T
 
 
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d, 0.0)
 
@@ -149,7 +164,7 @@ def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def median_bandwidth(x: np.ndarray, y: np.ndarray) -> float:
     """Median heuristic: median pairwise distance (off-diagonal) over the pooled sample."""
     z = np.vstack([x, y])
-    d = np.sqrt(_sq_dists(z, z))[np.triu_indices(len(z), k=1)]
+    d = np.sqrt(squared_distances(z, z))[np.triu_indices(len(z), k=1)]
     return float(np.median(d))
 
 
@@ -164,7 +179,7 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> flo
         raise ValueError("MMD needs at least 2 cells per sample")
     sigma = bandwidth if bandwidth is not None else median_bandwidth(x, y)
     gamma = 1.0 / (2.0 * max(sigma, 1e-12) ** 2)
-    kxx, kyy, kxy = (np.exp(-gamma * _sq_dists(a, b)) for a, b in ((x, x), (y, y), (x, y)))
+    kxx, kyy, kxy = (np.exp(-gamma * squared_distances(a, b)) for a, b in ((x, x), (y, y), (x, y)))
     m, n = len(x), len(y)
     within_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
     within_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
@@ -176,7 +191,7 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 2 or len(y) < 2:
         raise ValueError("energy distance needs at least 2 cells per sample")
-    dxx, dyy, dxy = (np.sqrt(_sq_dists(a, b)) for a, b in ((x, x), (y, y), (x, y)))
+    dxx, dyy, dxy = (np.sqrt(squared_distances(a, b)) for a, b in ((x, x), (y, y), (x, y)))
     m, n = len(x), len(y)
     return float(2.0 * dxy.mean() - dxx.sum() / (m * (m - 1)) - dyy.sum() / (n * (n - 1)))
 
@@ -207,11 +222,17 @@ def knn_classifier_auc(real: np.ndarray, generated: np.ndarray, k: int = 5, fold
     scores = np.empty(len(x))
     for f in range(folds):
         test, train = fold == f, fold != f
-        d = _sq_dists(x[test], x[train])
+        d = squared_distances(x[test], x[train])
         kk = min(k, int(train.sum()))
         nearest = np.argpartition(d, kk - 1, axis=1)[:, :kk]
         scores[test] = labels[train][nearest].mean(1)
     return roc_auc(scores, labels)
+
+
+def pc_variance_ratio(real: np.ndarray, other: np.ndarray, components: int = 10) -> float:
+    """Mean over the first ``components`` PCs of var(other) / var(real): < 1 means ``other`` is narrower."""
+    n = min(components, real.shape[1])
+    return float(np.mean(other[:, :n].var(axis=0) / np.maximum(real[:, :n].var(axis=0), 1e-12)))
 
 
 def generation_metrics(real: np.ndarray, generated: np.ndarray, pca: PCA, seed: int = 0) -> dict[str, float]:
@@ -222,61 +243,5 @@ def generation_metrics(real: np.ndarray, generated: np.ndarray, pca: PCA, seed: 
         "mmd_rbf_pca": mmd_rbf(zr, zg),
         "energy_distance_pca": energy_distance(zr, zg),
         "knn_auc": knn_classifier_auc(zr, zg, seed=seed),
+        "pc_variance_ratio": pc_variance_ratio(zr, zg),
     }
-
-
-# -------------------------------------------------------------------------------------------- perturbation
-
-
-def pseudobulk_deltas(
-    x: np.ndarray,
-    cell_line: np.ndarray,
-    drug: np.ndarray,
-    control: str = "DMSO_TF",
-    min_cells: int = 1,
-) -> dict[tuple[str, str], np.ndarray]:
-    """Per (cell line, drug): mean expression of the treated cells minus the cell line's control mean.
-
-    Groups with fewer than ``min_cells`` cells, and cell lines without controls, are skipped.
-    """
-    x = _dense(x)
-    cell_line, drug = np.asarray(cell_line).astype(str), np.asarray(drug).astype(str)
-    deltas = {}
-    for line in np.unique(cell_line):
-        in_line = cell_line == line
-        ctrl = in_line & (drug == control)
-        if ctrl.sum() < min_cells:
-            continue
-        base = x[ctrl].mean(0)
-        for d in np.unique(drug[in_line & (drug != control)]):
-            treated = in_line & (drug == d)
-            if treated.sum() >= min_cells:
-                deltas[(line, d)] = x[treated].mean(0) - base
-    return deltas
-
-
-def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Fraction of the ``k`` genes with the largest |delta| in ``a`` that are also among the top ``k`` of ``b``."""
-    k = min(k, len(a))
-    top_a = set(np.argsort(-np.abs(a), kind="stable")[:k].tolist())
-    top_b = set(np.argsort(-np.abs(b), kind="stable")[:k].tolist())
-    return len(top_a & top_b) / k
-
-
-def delta_agreement(
-    reference: dict[tuple[str, str], np.ndarray], predicted: dict[tuple[str, str], np.ndarray], top_k: int = 50
-) -> dict:
-    """Delta Pearson and top-k DE overlap per (cell line, drug) present in both, plus their means."""
-    groups = sorted(set(reference) & set(predicted))
-    per_group = {
-        f"{line}|{drug}": {
-            "delta_pearson": pearson(reference[(line, drug)], predicted[(line, drug)]),
-            "top_k_overlap": top_k_overlap(reference[(line, drug)], predicted[(line, drug)], top_k),
-        }
-        for line, drug in groups
-    }
-    mean = {
-        name: float(np.nanmean([g[name] for g in per_group.values()])) if per_group else float("nan")
-        for name in ("delta_pearson", "top_k_overlap")
-    }
-    return {"num_groups": len(groups), "top_k": top_k, **{f"mean_{n}": v for n, v in mean.items()}, "groups": per_group}

@@ -19,16 +19,29 @@ matplotlib.use("Agg")  # files only: evaluation runs on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-PREDICTORS = ("model", "marginal", "knn")
-LABELS = {"model": "DDSC", "marginal": "per-gene marginal", "knn": "kNN"}
+PREDICTORS = ("model", "marginal", "knn", "cell_histogram", "gene_cell_product")
+LABELS = {
+    "model": "DDSC",
+    "marginal": "per-gene marginal",
+    "knn": "kNN",
+    "cell_histogram": "cell histogram",
+    "gene_cell_product": "gene x cell product",
+    "gene_mean": "per-gene mean count",
+    "knn_mean": "kNN mean count",
+    "control_mean": "control mean",
+    "perturbation_mean": "perturbation mean",
+    "real_half": "real half (ceiling)",
+    "ddsc_cls": "DDSC CLS",
+    "ddsc_mean": "DDSC mean-pooled",
+    "pca50_log1p": "PCA-50 of log1p counts",
+}
 
 
 @dataclass
 class ReportArrays:
     """Arrays behind the plots that are too large (or pointless) for metrics.json."""
 
-    pca_real: np.ndarray | None = None  # [n, >=2] PCA coordinates of real cells
-    pca_generated: np.ndarray | None = None
+    pca: dict[str, np.ndarray] | None = None  # "real" / "held_out" / "generated" -> [n, >=2] PCA coordinates
     delta_real: np.ndarray | None = None  # concatenated pseudobulk deltas over (cell line, drug) groups
     delta_generated: np.ndarray | None = None
     truth_effect: np.ndarray | None = None  # true log-rate effects, concatenated over ground-truth groups
@@ -57,7 +70,7 @@ def _jsonable(obj):
 
 
 def plot_vs_mask_rate(masked: dict, path: Path) -> None:
-    """Masked CE and accuracy vs mask rate, the model against both baselines."""
+    """Masked CE and accuracy vs mask rate, the model against every baseline."""
     rates = sorted(masked, key=float)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(
@@ -114,11 +127,12 @@ def plot_confusion(confusion: np.ndarray, rate: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pca(real: np.ndarray, generated: np.ndarray, path: Path) -> None:
+def plot_pca(coordinates: dict[str, np.ndarray], path: Path) -> None:
+    """Real A, held-out real B and generated cells on the first two PCs of a separate fit set."""
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    ax.scatter(real[:, 0], real[:, 1], s=4, alpha=0.5, label="real")
-    ax.scatter(generated[:, 0], generated[:, 1], s=4, alpha=0.5, label="generated")
-    ax.set_xlabel("PC1 (fitted on real)")
+    for name, label in (("real", "real (A)"), ("held_out", "held-out real (B)"), ("generated", "generated")):
+        ax.scatter(coordinates[name][:, 0], coordinates[name][:, 1], s=4, alpha=0.5, label=label)
+    ax.set_xlabel("PC1 (fitted on the baseline train cells)")
     ax.set_ylabel("PC2")
     ax.legend()
     fig.tight_layout()
@@ -141,7 +155,7 @@ def plot_delta_scatter(
     ax.axhline(0, color="k", lw=0.5)
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("generated delta vs control (bins)")
+    ax.set_ylabel("model delta vs control (bins)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -149,6 +163,95 @@ def plot_delta_scatter(
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _with_ci(value: float, interval) -> str:
+    return f"{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _masked_section(masked: dict, margins: dict) -> list[str]:
+    lines = ["", "## Masked-bin prediction (same fixed masks for every predictor)", ""]
+    lines += [
+        "| mask rate | predictor | masked CE (nats) [95% CI over cells] | acc | acc +-1 | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rate in sorted(masked, key=float):
+        for name in PREDICTORS:
+            if name in masked[rate]:
+                m = masked[rate][name]
+                label = LABELS[name] + (" (best baseline)" if name == margins[rate]["best_baseline"] else "")
+                ce = _with_ci(m["masked_ce"], m["masked_ce_ci95"])
+                lines.append(
+                    f"| {rate} | {label} | {ce} | "
+                    + " | ".join(_fmt(m[k]) for k in ("masked_acc", "masked_acc_pm1", "ece"))
+                    + " |"
+                )
+    lines += [
+        "",
+        "Margin: best baseline CE minus model CE (> 0: the model is better), with its paired 95% interval.",
+        "",
+        "| mask rate | model CE | best baseline | its CE | margin [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for rate in sorted(masked, key=float):
+        best = margins[rate]["best_baseline"]
+        margin = _with_ci(margins[rate]["vs_best"], margins[rate]["vs_best_ci95"])
+        lines.append(
+            f"| {rate} | {_fmt(masked[rate]['model']['masked_ce'])} | {LABELS[best]} | "
+            f"{_fmt(masked[rate][best]['masked_ce'])} | {margin} |"
+        )
+    return lines
+
+
+def _counts_section(counts: dict) -> list[str]:
+    if not counts or not any(c.get("scores") for c in counts.values()):
+        return []
+    lines = ["", "## Imputation in count space (masked genes, log1p)", ""]
+    lines += ["| mask rate | predictor | Pearson [95% CI] | Spearman |", "|---|---|---|---|"]
+    for rate in sorted(counts, key=float):
+        for name, m in counts[rate]["scores"].items():
+            label = LABELS[name] + (" (best baseline)" if name == counts[rate]["best_baseline"] else "")
+            lines.append(
+                f"| {rate} | {label} | {_with_ci(m['pearson_log1p'], m['pearson_log1p_ci95'])} | "
+                f"{_fmt(m['spearman_log1p'])} |"
+            )
+    return lines
+
+
+def _perturbation_section(pert: dict | None) -> list[str]:
+    if not pert:
+        return []
+    predictors = pert["predictors"]
+    lines = [
+        "",
+        f"## Perturbation (cell-eval definitions; {pert['num_groups']} (cell line, treatment) groups vs "
+        f"{pert['control']}, real half A as truth)",
+        "",
+        "Mean over groups [95% CI over groups]; overlap_at_k with k = " + str(pert["top_k"]) + ".",
+        "",
+        "| metric | " + " | ".join(LABELS[n] for n in predictors) + " |",
+        "|---|" + "---|" * len(predictors),
+    ]
+    for metric in next(iter(predictors.values()))["mean"]:
+        cells = [_with_ci(p["mean"][metric], p["ci95"][metric]) for p in predictors.values()]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _embedding_section(embedding: dict | None) -> list[str]:
+    if not embedding:
+        return []
+    lines = ["", "## Embeddings (leave-one-out kNN accuracy, k-means ARI)", ""]
+    lines += ["| label | embedding | kNN accuracy [95% CI] | ARI |", "|---|---|---|---|"]
+    for column, scores in embedding.items():
+        for name, m in scores.items():
+            if isinstance(m, dict):
+                lines.append(
+                    f"| {column} ({scores['num_labels']} labels, majority {scores['majority_fraction']:.3f}) | "
+                    f"{LABELS.get(name, name)} | {_with_ci(m['knn_accuracy'], m['knn_accuracy_ci95'])} | "
+                    f"{_fmt(m['ari'])} |"
+                )
+    return lines
 
 
 def _ground_truth_section(known: dict | None) -> list[str]:
@@ -186,24 +289,18 @@ def _ground_truth_section(known: dict | None) -> list[str]:
 def _summary(metrics: dict, plots: list[str]) -> str:
     lines = ["# DDSC evaluation", ""]
     lines += [f"- {k}: `{v}`" for k, v in metrics.get("setup", {}).items()]
-    masked = metrics.get("masked", {})
-    if masked:
-        lines += ["", "## Masked-bin prediction (same fixed masks for every predictor)", ""]
-        lines += ["| mask rate | predictor | masked CE (nats) | acc | acc +-1 | ECE |", "|---|---|---|---|---|---|"]
-        for rate in sorted(masked, key=float):
-            for name in PREDICTORS:
-                if name in masked[rate]:
-                    m = masked[rate][name]
-                    row = (rate, LABELS[name], m["masked_ce"], m["masked_acc"], m["masked_acc_pm1"], m["ece"])
-                    lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    if metrics.get("masked"):
+        lines += _masked_section(metrics["masked"], metrics["margins"])
+    lines += _counts_section(metrics.get("imputation_counts", {}))
     if "nelbo" in metrics:
         lines += ["", f"NELBO per real token on a fixed t grid: **{metrics['nelbo']['nelbo']:.4f}** nats"]
-    for section in ("generation", "perturbation"):
-        if section in metrics:
-            gen, ref = metrics[section]["generated"], metrics[section]["reference"]
-            lines += ["", f"## {section.capitalize()} (generated vs real; reference: held-out real vs real)", ""]
-            lines += ["| metric | generated | reference |", "|---|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} | {_fmt(ref[k])} |" for k, v in gen.items() if not isinstance(v, dict)]
+    if "generation" in metrics:
+        gen, ref = metrics["generation"]["generated"], metrics["generation"]["reference"]
+        lines += ["", "## Generation (generated vs real A; reference: held-out real B vs real A)", ""]
+        lines += ["| metric | generated | reference |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} | {_fmt(ref[k])} |" for k, v in gen.items()]
+    lines += _perturbation_section(metrics.get("perturbation"))
+    lines += _embedding_section(metrics.get("embedding"))
     lines += _ground_truth_section(metrics.get("ground_truth"))
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "All numbers: [metrics.json](metrics.json)", ""]
@@ -227,8 +324,8 @@ def write_report(out_dir: str | Path, metrics: dict, arrays: ReportArrays | None
         if "confusion" in masked[mid].get("model", {}):
             plot_confusion(masked[mid]["model"]["confusion"], mid, out / "confusion.png")
             plots.append("confusion.png")
-    if arrays.pca_real is not None and arrays.pca_generated is not None:
-        plot_pca(arrays.pca_real, arrays.pca_generated, out / "pca.png")
+    if arrays.pca is not None:
+        plot_pca(arrays.pca, out / "pca.png")
         plots.append("pca.png")
     if arrays.delta_real is not None and arrays.delta_generated is not None and arrays.delta_real.size:
         plot_delta_scatter(arrays.delta_real, arrays.delta_generated, out / "delta_scatter.png")

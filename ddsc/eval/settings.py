@@ -38,3 +38,4 @@ class EvalSettings:
     truth_control_cells: int = 16  # control cells per cell line whose panels are scored (expected bins)
     truth_sampled_cells: int = 4  # of these, cells per line whose panels are also sampled (0: no sampling)
     truth_min_obs: int = 3  # panels a gene must appear in to enter the ground-truth correlation
+    embed_labels: tuple[str, ...] = ()  # label columns scoring the embeddings (default: cell line, drug, dose)
