@@ -208,7 +208,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     )
     from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
     from ddsc.train.composer_model import DDSCComposerModel
-    from ddsc.train.run_folder import resolve_save_folder
+    from ddsc.train.run_folder import composer_resume_path, resolve_save_folder
 
     trainer_cfg, par = config.trainer, config.parallelism
     device = resolve_device(trainer_cfg)
@@ -270,7 +270,10 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         save_folder=save_folder,
         save_interval=trainer_cfg.save_interval,
         save_num_checkpoints_to_keep=trainer_cfg.save_num_checkpoints_to_keep,
-        autoresume=trainer_cfg.autoresume,
+        # Autoresume: Composer's own for object stores, our explicit load_path for filesystem folders (shared
+        # by several nodes, Composer's fails; see run_folder.composer_resume_path).
+        autoresume=trainer_cfg.autoresume and save_folder is not None and is_url(save_folder),
+        load_path=composer_resume_path(save_folder, trainer_cfg.autoresume),
         # A crash can leave a checkpoint newer than the one `latest` points to (killed before the symlink
         # moved); the resumed run recomputes those batches and must be allowed to replace that file.
         save_overwrite=trainer_cfg.autoresume,
