@@ -6,8 +6,10 @@ Example: python data_prep/make_demo_data.py --out demo_run/tahoe --cells 4000
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ddsc.data.demo_data import DemoSpec, make_demo_data
+from ddsc.errors import run_reporting_errors
 
 
 def main() -> None:
@@ -43,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main))

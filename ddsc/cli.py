@@ -35,14 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ddsc.config import ConfigError
+    """Run one subcommand; a problem with its input ends it with ``ddsc <command>: error: ...`` and status 2."""
+    from ddsc.errors import run_reporting_errors
 
-    try:
-        return int(args._run(args) or 0)
-    except ConfigError as err:
-        print(f"ddsc {args.command}: config error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args._run(args), prefix=f"ddsc {args.command}: error", status=2)
 
 
 if __name__ == "__main__":

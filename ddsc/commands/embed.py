@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, user_errors, write_output
+from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", help="read counts from this layer instead of X")
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
     out = predictor.embed(read_input(args.input), layer=args.layer, seed=args.seed)

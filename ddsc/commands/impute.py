@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, user_errors, write_output
+from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
     adata = read_input(args.input)

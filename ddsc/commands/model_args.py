@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +35,3 @@ def write_output(adata, path: str) -> None:
     partial = f"{path}.partial"
     adata.write_h5ad(partial)
     os.replace(partial, path)
-
-
-def user_errors(run):
-    """Bad input (missing file, unknown gene or label, bad value) -> one line on stderr and exit status 2."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"ddsc {args.command}: error: {message}", file=sys.stderr)
-            return 2
-
-    return wrapper

@@ -43,6 +43,7 @@ from ddsc.data.mds_shards import MDSShardWriter, Ragged
 from ddsc.data.schema import LABELS_FILE, MDS_COLUMNS, METADATA_COLUMNS, SUMMARY_FILE
 from ddsc.data.splits import SPLITS, SplitSpec, assign_splits
 from ddsc.data.vocab import GeneVocab
+from ddsc.errors import InputError
 
 PARTS_DIR = ".parts"
 INDEX_FILE = "index.json"
@@ -72,7 +73,7 @@ class WriteOptions:
     workers: int = 1
 
 
-class ConversionError(RuntimeError):
+class ConversionError(InputError):
     """An input could not be converted; the message names the input. Finished inputs stay done."""
 
 

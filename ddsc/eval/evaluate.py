@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ddsc.commands.model_args import user_errors
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -270,7 +269,6 @@ def summary_line(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
     from ddsc.eval.ground_truth import find_ground_truth
