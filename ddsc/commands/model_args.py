@@ -14,6 +14,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input cells of impute and embed: raw counts, as data_prep requires (``ddsc.data.raw_counts``)."""
+    parser.add_argument("--input", required=True, help="input .h5ad with raw counts")
+    parser.add_argument("--layer", help="read counts from this layer instead of X")
+    add_round_counts_argument(parser)
+
+
+def add_round_counts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--round-counts",
+        action="store_true",
+        help="accept non-integer values by rounding them (default: refuse them, as data_prep does)",
+    )
+
+
 def load_predictor(args: argparse.Namespace):
     from ddsc.inference import Predictor
 

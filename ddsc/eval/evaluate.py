@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddsc.commands.model_args import add_round_counts_argument
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -157,6 +158,7 @@ def load_data(
     max_cells: int,
     max_train_cells: int,
     baseline_fraction: float,
+    round_counts: bool = False,
 ) -> tuple[list[dict], list[dict], str]:
     """(baseline train samples, evaluation samples, description of where they came from).
 
@@ -171,7 +173,7 @@ def load_data(
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         adata = anndata.read_h5ad(data)
-        samples, matched = predictor.samples_from_anndata(adata)
+        samples, matched = predictor.samples_from_anndata(adata, round_counts=round_counts)
         empty = sum(1 for s in samples if not len(s["genes"]))
         samples = [s for s in samples if len(s["genes"])]
         fit = [s for s in samples if unit_hash(settings.seed, str(s["cell_id"])) < baseline_fraction]
@@ -235,6 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ground truth: of these, control cells per cell line whose panels are also sampled (0: none)",
     )
     parser.add_argument("--device", default="cpu")
+    add_round_counts_argument(parser)  # .h5ad input
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
@@ -291,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         args.max_cells,
         args.max_train_cells,
         args.baseline_fraction,
+        args.round_counts,
     )
     metrics, arrays = evaluate(predictor.model, predictor.collator, diffusion, train, evaluation, settings)
     metrics["setup"].update({"model": str(args.model), "data": source, "settings": asdict(settings)})
