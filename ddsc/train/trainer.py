@@ -30,8 +30,11 @@ class TrainSummary:
     samples: int
     wall_s: float
     metrics: dict[str, float]
+    already_complete: bool = False  # an autoresumed run whose checkpoint had reached trainer.max_duration
 
     def format(self) -> str:
+        if self.already_complete:
+            return f"run already complete: {self.batches} batches ({self.samples} cells) trained; nothing to do"
         parts = [f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())]
         return f"trained {self.batches} batches ({self.samples} cells) in {self.wall_s:.1f}s: " + " ".join(parts)
 
@@ -211,6 +214,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         resolve_precision,
     )
     from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
+    from ddsc.train.checkpoint_integrity import composer_folder, recover_on_rank_zero
     from ddsc.train.composer_model import DDSCComposerModel
     from ddsc.train.run_folder import resolve_save_folder
 
@@ -227,6 +231,8 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         parallelism = build_parallelism(par, world_size, device)
 
     save_folder = resolve_save_folder(config)
+    if save_folder and trainer_cfg.autoresume and not is_remote(save_folder):
+        recover_on_rank_zero(composer_folder(save_folder), dist.get_global_rank(), dist.barrier)
     callbacks = [*build_callbacks(trainer_cfg, device), ResetEvalNoise(), SeedEachBatch(trainer_cfg.seed)]
     if save_folder:
         callbacks.append(SaveResolvedConfig(config, save_folder))
@@ -280,9 +286,12 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         progress_bar=trainer_cfg.progress_bar,
         compile_config={} if par.compile else None,
     )
+    state = trainer.state
+    if state.max_duration <= state.timestamp.get(state.max_duration.unit):  # resumed at the end: Composer refuses
+        trainer.close()
+        return TrainSummary(int(state.timestamp.batch), int(state.timestamp.sample), 0.0, {}, already_complete=True)
     start = time.perf_counter()
     trainer.fit()
-    state = trainer.state
     metrics = {f"train/{k}": float(m.compute()) for k, m in state.train_metrics.items()}
     for label, group in state.eval_metrics.items():
         metrics.update({f"{label}/{k}": float(m.compute()) for k, m in group.items()})
