@@ -113,8 +113,11 @@ class TrainerConfig:
     preview_cells: int = 8
     preview_steps: int = 16
     preview_method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting"
-    log_to_console: bool = True
+    log_to_console: bool = True  # one line of metrics per console_log_interval (ddsc.train.console.MetricLines)
     console_log_interval: str = "10ba"
+    # Every N batches, per-parameter gradient / weight norms (Composer's OptimizerMonitor) for W&B and log_file
+    # (never printed on the console). None: off.
+    optimizer_monitor_interval: int | None = None
     log_file: str | None = None  # also write every logged metric to this file (Composer FileLogger)
     # Peak FLOP/s of one device for MFU. GPUs are detected by Composer; set this on CPU (or unknown GPUs).
     peak_flops_per_device: float | None = None

@@ -216,6 +216,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
     from ddsc.train.checkpoint_integrity import composer_folder, recover_on_rank_zero
     from ddsc.train.composer_model import DDSCComposerModel
+    from ddsc.train.console import MetricLines
     from ddsc.train.run_folder import resolve_save_folder
 
     trainer_cfg, par = config.trainer, config.parallelism
@@ -254,6 +255,9 @@ def _train_composer(config: RunConfig) -> TrainSummary:
 
         apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
     optimizer = build_optimizer(config.optimizer, model.parameters())
+    loggers = build_loggers(config)
+    if trainer_cfg.log_to_console:
+        loggers.append(MetricLines(trainer_cfg.console_log_interval))
 
     trainer = Trainer(
         model=model,
@@ -271,7 +275,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         device_train_microbatch_size=trainer_cfg.device_train_microbatch_size,
         algorithms=build_algorithms(trainer_cfg),
         callbacks=callbacks,
-        loggers=build_loggers(config),
+        loggers=loggers,
         run_name=trainer_cfg.run_name,
         seed=trainer_cfg.seed,
         save_folder=save_folder,
@@ -281,8 +285,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         # A crash can leave a checkpoint newer than the one `latest` points to (killed before the symlink
         # moved); the resumed run recomputes those batches and must be allowed to replace that file.
         save_overwrite=trainer_cfg.autoresume,
-        log_to_console=trainer_cfg.log_to_console,
-        console_log_interval=trainer_cfg.console_log_interval,
+        log_to_console=False,  # its console logger prints every value on a line: MetricLines instead
         progress_bar=trainer_cfg.progress_bar,
         compile_config={} if par.compile else None,
     )
