@@ -13,6 +13,7 @@ import sys
 # subcommand -> module with ``add_arguments(parser)`` and ``run(args)``; first docstring line is the help.
 COMMANDS: dict[str, str] = {
     "config": "ddsc.train.config_cli",
+    "check-data": "ddsc.commands.check_data",
     "export": "ddsc.commands.export",
     "impute": "ddsc.commands.impute",
     "generate": "ddsc.commands.generate",

@@ -139,11 +139,12 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
     Read through ``StreamingDataset`` (unshuffled), like training, so compressed shards are handled.
     """
     import numpy as np
-    from streaming import StreamingDataset
+
+    from ddsc.data.checked_dataset import CheckedStreamingDataset
 
     if not (split_dir / "index.json").is_file():
         raise FileNotFoundError(f"{split_dir}: not an MDS split folder (no index.json)")
-    dataset = StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
+    dataset = CheckedStreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)  # names a bad shard
     n = len(dataset)
     idx = range(n) if n <= max_cells else np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
     return [dataset[int(i)] for i in idx]

@@ -38,6 +38,9 @@ class DataConfig:
     num_canonical_nodes: int | None = None
     predownload: int | None = None  # samples to download ahead per worker (None: Streaming's default)
     cache_limit: str | None = None  # e.g. "100gb": evict shards from the local cache above this size
+    # A hash recorded in the MDS index (data_prep writes "xxh64"): every shard file is checked against it when
+    # it is downloaded or decompressed (Streaming) and, in a filesystem stream, before training starts.
+    validate_hash: str | None = None
 
     def __post_init__(self) -> None:
         if not self.streams:

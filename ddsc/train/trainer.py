@@ -166,11 +166,13 @@ def check_gene_vocab(config: RunConfig) -> None:
 
 def check_data(config: RunConfig) -> None:
     """Cheap checks of the data paths, run by ``launch/train.py`` before any process group exists."""
+    from ddsc.data.check import verify_local_shards
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
 
     check_streams(config.data, config.data.train_split)
     if config.data.eval_split:
         check_streams(config.data, config.data.eval_split)
+    verify_local_shards(config.data)  # with data.validate_hash
     if config.parallelism.engine == "deepspeed":
         from ddsc.train.deepspeed_engine import check_deepspeed
 
