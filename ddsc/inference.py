@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,7 +45,8 @@ from ddsc.data.tokens import GENE_CLS, GENE_PAD
 from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.samplers import sample
-from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, check_labels
+from ddsc.errors import InputError
+from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
 
 ImputeMethod = Literal["argmax", "ancestral", "first_hitting", "confidence"]
@@ -63,6 +65,12 @@ def check_model_folder(model_dir: str | Path) -> Path:
         raise FileNotFoundError(
             f"{folder}: not a complete DDSC model folder, missing {', '.join(missing)} (write one with `ddsc export`)"
         )
+    weights = folder / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt"):  # reads the header; checks that the file holds every tensor
+            pass
+    except SafetensorError as err:
+        raise InputError(f"{weights}: not a complete safetensors file ({err}); export the model again") from None
     return folder
 
 

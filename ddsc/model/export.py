@@ -46,7 +46,8 @@ AUTO_MAP = {"AutoConfig": "hf.DDSCConfig", "AutoModel": "hf.DDSCModel"}
 VOCAB_FILE = "vocab.json"
 LABELS_FILE = "labels.json"
 TRAIN_CONFIG_FILE = "train_config.yaml"
-REQUIRED_FILES = ("config.json", "model.safetensors", VOCAB_FILE, LABELS_FILE)
+WEIGHTS_FILE = "model.safetensors"
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, LABELS_FILE)
 
 _DDSC_IMPORT = re.compile(r"^(\s*)from\s+ddsc(?:\.\w+)*\.(\w+)\s+import\b", re.MULTILINE)
 _ANY_DDSC_IMPORT = re.compile(r"^\s*(?:from|import)\s+ddsc\b.*$", re.MULTILINE)
@@ -173,6 +174,7 @@ def export_checkpoint(
     from ddsc.train.trainer import load_labels, resolve_model_config
 
     kind = checkpoint_kind(checkpoint)
+    state = read_model_state(checkpoint)  # first: a corrupt checkpoint is the problem to report, whatever else is
     config_path = config_path or find_run_config(checkpoint)
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
@@ -187,7 +189,6 @@ def export_checkpoint(
     vocab = GeneVocab.from_json(vocab_path)
 
     model = DDSCModel(hf_config_from_run(run))
-    state = read_model_state(checkpoint)
     expected = {k: v.shape for k, v in model.dit.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
