@@ -11,7 +11,8 @@ Layout written under ``out``::
 Each input is converted by one worker process into ``<split>/<input>.tmp`` folders, renamed into place and
 then marked done. The marker is the commit point: a killed run leaves no marker, so the re-run deletes that
 input's leftovers and converts it again, and skips every marked input. Merged indexes, labels and the
-summary are written last, only once every input is done, so no partial shard is ever indexed. Each input's
+summary are written last, only once every input is done, so no partial shard is ever indexed; a re-run that
+finds every input done and the summary written has nothing to do. Each input's
 output depends only on that input and the settings (splits come from a hash), so a resumed run equals an
 uninterrupted one, and so does a run with another number of workers.
 """
@@ -277,6 +278,11 @@ def convert(
     start = time.perf_counter()
     done = {n: PartStats(**json.loads(p.read_text())) for n in names if (p := out / PARTS_DIR / f"{n}.json").exists()}
     pending = [p for p, n in zip(inputs, names, strict=True) if n not in done]
+    if not pending and (out / SUMMARY_FILE).is_file():  # written last: the conversion is complete
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        cells = sum(summary["cells_per_split"].values())
+        print(f"{out}: already converted ({cells:,} cells from {len(inputs)} input(s)); nothing to do")
+        return summary
     resumed = len(done)
     with tqdm(total=0, unit="cell", desc=f"converting {len(pending)} file(s)", dynamic_ncols=True) as bar:
         for stats in _run(pending, source, out, options, bar):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddsc.commands.model_args import add_round_counts_argument
+from ddsc.done import StepInputs
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -283,6 +284,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.ground_truth is None and args.data.suffix != ".h5ad":
         found = find_ground_truth(args.data)
         settings.ground_truth = None if found is None else str(found)
+    inputs = report_inputs(args, settings)
+    if inputs.done_in(args.out):
+        print(f"{args.out} is up to date with its model, data and settings; nothing to do")
+        return 0
+    inputs.begin(args.out)
     start = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, device=settings.device)
     diffusion = MaskedDiffusion(predictor.diffusion, predictor.config.num_bins)
@@ -312,4 +318,13 @@ def run(args: argparse.Namespace) -> int:
             f"{reference['mean_delta_pearson']:.3f} (dose {top}: {reference['by_dose'].get(top, float('nan')):.3f})"
         )
     print(f"report: {files[-2]} ({len(files)} files in {args.out})")
+    inputs.mark_done(args.out)
     return 0
+
+
+def report_inputs(args: argparse.Namespace, settings: EvalSettings) -> StepInputs:
+    """What a report depends on: the model folder, the data (an .h5ad, or the MDS split indexes), the ground
+    truth and every setting, so an unchanged re-run is skipped (``ddsc.done``)."""
+    data = [args.data] if args.data.suffix == ".h5ad" else sorted(args.data.glob("*/index.json"))
+    chosen = {k: v for k, v in vars(args).items() if k not in ("out", "command") and not k.startswith("_")}
+    return StepInputs.of([args.model, *data, settings.ground_truth], {**chosen, **asdict(settings)})

@@ -126,10 +126,12 @@ def verify_checkpoint(path: str | Path) -> None:
         raise CorruptCheckpointError(f"{resolved}: corrupt checkpoint: {problem}")
 
 
-def read_model_state(path: str | Path) -> dict[str, Tensor]:
-    """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind."""
+def read_model_state(path: str | Path, verify: bool = True) -> dict[str, Tensor]:
+    """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind
+    (``verify=False``: the caller has run :func:`verify_checkpoint`)."""
     kind = checkpoint_kind(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     resolved = resolve_checkpoint(path)
     reader = {"composer": _read_composer, "composer_sharded": _read_composer_sharded, "deepspeed": _read_deepspeed}
     state = strip_wrappers(reader[kind](resolved))

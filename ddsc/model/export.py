@@ -30,6 +30,7 @@ from ddsc.config import load_config, to_dict
 from ddsc.data import tokens as tokens_module
 from ddsc.data.labels import LabelVocab
 from ddsc.data.vocab import GeneVocab
+from ddsc.done import StepInputs
 from ddsc.model import config as model_config_module
 from ddsc.model import dit as dit_module
 from ddsc.model import hf as hf_module
@@ -140,8 +141,11 @@ class ExportSummary:
     num_params: int
     genes: int
     conditions: dict[str, int]
+    up_to_date: bool = False  # the folder was already exported from the same files: nothing written
 
     def format(self) -> str:
+        if self.up_to_date:
+            return f"{self.out} is up to date with its {self.checkpoint_kind} checkpoint; nothing to do"
         conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
         return (
             f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
@@ -167,14 +171,22 @@ def export_checkpoint(
     """Export a Composer (monolithic / sharded) or DeepSpeed ZeRO checkpoint to an HF folder.
 
     The run config defaults to ``config.yaml`` in the run's save folder, the vocabulary and labels to the
-    files beside the training data (``data.labels`` for the labels when set).
+    files beside the training data (``data.labels`` for the labels when set). A folder already exported from
+    the same files (``ddsc.done``) is left as it is.
     """
-    from ddsc.model.checkpoints import checkpoint_kind, find_run_config, read_model_state
+    from ddsc.model.checkpoints import (
+        checkpoint_kind,
+        find_run_config,
+        read_model_state,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
     from ddsc.train.config import RunConfig
+    from ddsc.train.trainer import labels_path as trainer_labels_path
     from ddsc.train.trainer import load_labels, resolve_model_config
 
     kind = checkpoint_kind(checkpoint)
-    state = read_model_state(checkpoint)  # first: a corrupt checkpoint is the problem to report, whatever else is
+    verify_checkpoint(checkpoint)  # first: a corrupt checkpoint is the problem to report, whatever else is
     config_path = config_path or find_run_config(checkpoint)
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
@@ -187,7 +199,11 @@ def export_checkpoint(
     if vocab_path is None or not Path(vocab_path).is_file():
         raise FileNotFoundError(f"gene vocabulary not found ({vocab_path or 'remote data'}); pass --vocab")
     vocab = GeneVocab.from_json(vocab_path)
+    inputs = StepInputs.of([resolve_checkpoint(checkpoint), config_path, vocab_path, trainer_labels_path(run)], {})
+    if inputs.done_in(out):
+        return ExportSummary(Path(out), kind, 0, vocab.num_genes, {}, up_to_date=True)
 
+    state = read_model_state(checkpoint, verify=False)
     model = DDSCModel(hf_config_from_run(run))
     expected = {k: v.shape for k, v in model.dit.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -200,6 +216,7 @@ def export_checkpoint(
         raise ValueError(f"{checkpoint}: weights do not match the run config {config_path} ({detail})")
     model.dit.load_state_dict(state)
     write_hf_folder(model, out, vocab, labels, run)
+    inputs.mark_done(out)
     return ExportSummary(
         out=Path(out),
         checkpoint_kind=kind,
