@@ -144,28 +144,22 @@ class SaveFolder:
             os.replace(tmp, latest)
 
 
+def _read_link(latest: Path) -> str | None:
+    return os.readlink(latest) if latest.is_symlink() else None
+
+
+def _read_text(latest: Path) -> str | None:
+    return latest.read_text() if latest.is_file() else None
+
+
 def composer_folder(folder: str | Path) -> SaveFolder:
     """Composer: ``latest-rank0.pt`` is a relative symlink to the checkpoint file (or sharded folder)."""
-    return SaveFolder(
-        Path(folder),
-        _COMPOSER_NAME,
-        composer_problem,
-        COMPOSER_LATEST,
-        lambda latest: os.readlink(latest) if latest.is_symlink() else None,
-        lambda latest, name: latest.symlink_to(name),
-    )
+    return SaveFolder(Path(folder), _COMPOSER_NAME, composer_problem, COMPOSER_LATEST, _read_link, Path.symlink_to)
 
 
 def deepspeed_folder(folder: str | Path) -> SaveFolder:
     """DeepSpeed: ``latest`` is a text file holding the tag."""
-    return SaveFolder(
-        Path(folder),
-        _DEEPSPEED_NAME,
-        deepspeed_problem,
-        DEEPSPEED_LATEST,
-        lambda latest: latest.read_text() if latest.is_file() else None,
-        lambda latest, name: latest.write_text(name),
-    )
+    return SaveFolder(Path(folder), _DEEPSPEED_NAME, deepspeed_problem, DEEPSPEED_LATEST, _read_text, Path.write_text)
 
 
 @dataclass
