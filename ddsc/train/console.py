@@ -18,6 +18,8 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from tqdm.auto import tqdm
 
+from ddsc.config import ConfigError
+
 # Composer's metric name -> the printed name, in the order printed (nelbo, masked_ce, masked_acc, ...).
 PRINTED: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(r"loss/train/total"), "loss"),
@@ -42,7 +44,7 @@ class MetricLines(LoggerDestination):
     def __init__(self, interval: str):
         self.interval = Time.from_timestring(interval)
         if self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH):
-            raise ValueError(f"trainer.console_log_interval: batches or epochs (e.g. '10ba'), got {interval}")
+            raise ConfigError(f"trainer.console_log_interval: batches or epochs (e.g. '10ba'), got {interval}")
         self.values: dict[str, float] = {}
         self.printed_at = -1
 
