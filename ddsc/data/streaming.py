@@ -32,6 +32,7 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.shared import prefix as shm_prefix
 
 from ddsc.config import ConfigError
+from ddsc.data.checked_dataset import CheckedStreamingDataset
 from ddsc.train.config import DataConfig, StreamConfig
 
 
@@ -135,7 +136,7 @@ def build_dataset(data: DataConfig, split: str, batch_size: int, train: bool) ->
     """
     share = host_share()
     with _own_shm_prefixes(share):
-        return StreamingDataset(
+        return CheckedStreamingDataset(
             streams=_streams(data, split, share),
             batch_size=batch_size,
             shuffle=data.shuffle and train,
@@ -143,6 +144,7 @@ def build_dataset(data: DataConfig, split: str, batch_size: int, train: bool) ->
             num_canonical_nodes=data.num_canonical_nodes,
             predownload=data.predownload,
             cache_limit=data.cache_limit,
+            validate_hash=data.validate_hash,
             allow_unsafe_types=False,
         )
 
