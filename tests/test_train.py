@@ -165,10 +165,11 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
 def test_a_finished_run_relaunched_reports_complete_and_changes_nothing(run_dir, reference):
     tmp, config = run_dir
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
-    done = subprocess.run(
-        [*TRAIN, str(config), f"trainer.save_folder={reference}", *EXPORT], capture_output=True, text=True
-    )
+    relaunch = [*TRAIN, str(config), f"trainer.save_folder={reference}", *EXPORT, "trainer.precision=auto"]
+    done = subprocess.run(relaunch, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    # auto keeps the precision the run was trained with, whatever this CPU's bf16 probe says today
+    assert "precision auto: amp_bf16 (kept from the run's first launch)" in done.stdout.splitlines()
     assert done.stdout.splitlines()[-1] == "run already complete: 16 batches (128 cells) trained; nothing to do"
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
 

@@ -26,7 +26,7 @@ from composer.optim import (
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
 from ddsc.config import ConfigError, to_dict
-from ddsc.precision import cpu_prefers_bf16
+from ddsc.precision import cpu_auto_precision
 from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
 from ddsc.train.throughput import TokenRates
 
@@ -56,7 +56,9 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
         return want, None
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: amp_fp16 needs a GPU (use amp_bf16 or auto on CPU)")
-    if want == "amp_bf16" or (want == "auto" and cpu_prefers_bf16()):
+    if want == "auto":  # the trainer settles it per run before this (trainer.settle_cpu_precision)
+        want = cpu_auto_precision()[0]
+    if want == "amp_bf16":
         return "fp32", torch.bfloat16
     return "fp32", None
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ddsc.config import ConfigError
-from ddsc.precision import cpu_prefers_bf16, enable_tf32
+from ddsc.precision import cpu_auto_precision, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
 from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
 from ddsc.train.config import RunConfig
@@ -60,7 +60,7 @@ def deepspeed_precision(config: RunConfig, device: str) -> DeepSpeedPrecision:
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: the deepspeed engine supports amp_bf16, auto or fp32 (not amp_fp16)")
     if want == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_prefers_bf16()
+        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_auto_precision()[0] == "amp_bf16"
     else:
         bf16 = want == "amp_bf16"
     if not bf16:
@@ -174,7 +174,7 @@ class DeepSpeedRun:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             enable_tf32()
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "gpu" else "gloo")
-        self.config = config = prepare_run(config)
+        self.config = config = prepare_run(config, self.device)
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
         self.eval_every = batches(trainer.eval_interval, "trainer.eval_interval")

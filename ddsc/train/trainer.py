@@ -169,18 +169,33 @@ def check_data(config: RunConfig) -> None:
         check_run(config)
 
 
-def check_run(config: RunConfig) -> RunConfig:
-    """The resolved config, after the checks that need the vocabularies and the saved run's config."""
+def check_run(config: RunConfig, device: str | None = None) -> RunConfig:
+    """The resolved config, after the checks that need the vocabularies and the saved run's config.
+
+    With the training ``device`` ("cpu" or "gpu"; inside the launched processes), ``precision: auto`` on CPU is
+    also settled to the concrete choice (``settle_cpu_precision``), which is what the run then saves.
+    """
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
 
     resolved = resolve_run_config(config)
     check_gene_vocab(config)
     save_folder = resolve_save_folder(config)
-    if save_folder and config.trainer.autoresume:
-        saved = read_saved_config(save_folder)
-        if saved is not None:
-            check_compatible(saved, resolved)
+    saved = read_saved_config(save_folder) if save_folder and config.trainer.autoresume else None
+    if saved is not None:
+        check_compatible(saved, resolved)
+    if device == "cpu" and resolved.trainer.precision == "auto":
+        resolved.trainer.precision = settle_cpu_precision(saved)
     return resolved
+
+
+def settle_cpu_precision(saved: dict | None) -> str:
+    """``precision: auto`` on CPU for this run (``ddsc.precision.cpu_auto_precision``), printed by rank 0."""
+    from ddsc.precision import cpu_auto_precision
+
+    choice, why = cpu_auto_precision(((saved or {}).get("trainer") or {}).get("precision"))
+    if dist.get_global_rank() == 0:
+        print(f"precision auto: {choice} ({why})", flush=True)
+    return choice
 
 
 def train(config: RunConfig) -> TrainSummary:
@@ -192,10 +207,10 @@ def train(config: RunConfig) -> TrainSummary:
     return _train_composer(config)
 
 
-def prepare_run(config: RunConfig) -> RunConfig:
+def prepare_run(config: RunConfig, device: str) -> RunConfig:
     """Once the process group exists: fetch remote vocabularies, check, and resolve the config."""
     fetch_assets(config)
-    return check_run(config)
+    return check_run(config, device)
 
 
 def _train_composer(config: RunConfig) -> TrainSummary:
@@ -226,8 +241,9 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         # Before the loaders: Streaming registers its shared memory with barriers (racy without a process
         # group), and HSDP's device mesh needs the group too.
         dist.initialize_dist(get_device(device))
-    precision, autocast_dtype = resolve_precision(trainer_cfg, device)  # after the group: one choice for all
-    config = prepare_run(config)
+    config = prepare_run(config, device)  # after the group: one precision choice for all ranks
+    trainer_cfg = config.trainer
+    precision, autocast_dtype = resolve_precision(trainer_cfg, device)
     if par.strategy in ("fsdp", "hsdp"):
         parallelism = build_parallelism(par, world_size, device)
 
