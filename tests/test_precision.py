@@ -21,7 +21,7 @@ from ddsc.precision import BF16_MIN_SPEEDUP, autocast, cpu_bf16_speedup
 from ddsc.train.builders import resolve_precision
 from ddsc.train.config import RunConfig, TrainerConfig
 from ddsc.train.deepspeed_engine import DeepSpeedPrecision, deepspeed_config, deepspeed_precision
-from ddsc.train.trainer import settle_cpu_precision
+from ddsc.train.run import settle_cpu_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 

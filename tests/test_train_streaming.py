@@ -9,8 +9,8 @@ from streaming.base.util import clean_stale_shared_memory
 from train_data import write_mds
 
 from ddsc.config import ConfigError
+from ddsc.data.config import DataConfig, StreamConfig
 from ddsc.data.streaming import build_dataloader, check_streams
-from ddsc.train.config import DataConfig, StreamConfig
 
 
 def _ids(batch):

@@ -40,8 +40,8 @@ from ddsc.train.builders import batches, lr_multiplier
 from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
 from ddsc.train.config import RunConfig
 from ddsc.train.metric_log import MetricLog
+from ddsc.train.run import TrainSummary, build_loaders, prepare_run
 from ddsc.train.run_folder import write_config
-from ddsc.train.trainer import TrainSummary
 
 TAG_PREFIX = "ba"
 
@@ -165,7 +165,6 @@ class DeepSpeedRun:
         from ddsc.train.builders import build_optimizer, resolve_device
         from ddsc.train.composer_model import DDSCComposerModel
         from ddsc.train.run_folder import resolve_save_folder
-        from ddsc.train.trainer import build_loaders, prepare_run
 
         trainer = config.trainer
         self.device = resolve_device(trainer)
