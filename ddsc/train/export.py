@@ -35,13 +35,13 @@ class ExportSummary:
     checkpoint_kind: str
     num_params: int
     genes: int
-    conditions: dict[str, int]
+    conditions: dict[str, str]  # name -> "N labels" / "molecule" / "scalar"
     up_to_date: bool = False  # the folder was already exported from the same files: nothing written
 
     def format(self) -> str:
         if self.up_to_date:
             return f"{self.out} is up to date with its {self.checkpoint_kind} checkpoint; nothing to do"
-        conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
+        conds = ", ".join(f"{k} ({v})" for k, v in self.conditions.items()) or "none"
         return (
             f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
             f"{self.genes:,} genes in the vocabulary, conditions: {conds}"
@@ -104,5 +104,5 @@ def export_checkpoint(
         checkpoint_kind=kind,
         num_params=model.dit.num_params(),
         genes=vocab.num_genes,
-        conditions={c.name: c.num_labels for c in run.model.conditions},
+        conditions={c.name: f"{c.num_labels} labels" if c.kind == "label" else c.kind for c in run.model.conditions},
     )
