@@ -44,6 +44,7 @@ from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.tokens import GENE_CLS, GENE_PAD
 from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
+from ddsc.diffusion.sampler_names import Method
 from ddsc.diffusion.samplers import sample
 from ddsc.errors import InputError
 from ddsc.model.conditions import ConditionValueError, encode_conditions
@@ -51,7 +52,7 @@ from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_F
 from ddsc.model.hf import DDSCConfig, DDSCModel
 from ddsc.precision import autocast
 
-ImputeMethod = Literal["argmax", "ancestral", "first_hitting", "confidence"]
+ImputeMethod = Literal["argmax", Method]  # argmax: one forward pass; or a sampler
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -508,7 +509,7 @@ class Predictor:
         gene_panel: Sequence[str],
         conditions: dict[str, Sequence[str]] | None = None,
         n_cells: int = 1,
-        method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting",
+        method: Method = "first_hitting",
         steps: int = 32,
         temperature: float = 1.0,
         guidance_scale: float = 1.0,

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ddsc.commands.model_args import add_round_counts_argument
+from ddsc.diffusion.sampler_names import METHODS
 from ddsc.done import StepInputs
 from ddsc.eval.evaluate import embed_samples, evaluate, load_data
 from ddsc.eval.masks import MASK_RATES
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knn-k", type=int, default=10)
     parser.add_argument("--nelbo-points", type=int, default=10, help="t grid size (0 skips)")
     parser.add_argument("--generate-cells", type=int, default=256, help="cells generated per half (0 skips generation)")
-    parser.add_argument("--sampler", default="first_hitting", choices=["ancestral", "first_hitting", "confidence"])
+    parser.add_argument("--sampler", default="first_hitting", choices=METHODS)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)

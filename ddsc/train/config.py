@@ -8,6 +8,7 @@ from typing import Literal
 from ddsc.config import ConfigError
 from ddsc.data.config import DataConfig
 from ddsc.diffusion.config import DiffusionConfig
+from ddsc.diffusion.sampler_names import Method
 from ddsc.model.config import ModelConfig
 
 
@@ -82,7 +83,7 @@ class TrainerConfig:
     preview_interval: str | None = None
     preview_cells: int = 8
     preview_steps: int = 16
-    preview_method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting"
+    preview_method: Method = "first_hitting"
     log_to_console: bool = True  # one line of metrics per console_log_interval (ddsc.train.console.MetricLines)
     console_log_interval: str = "10ba"
     # Every N batches, per-parameter gradient / weight norms (Composer's OptimizerMonitor) for W&B and log_file

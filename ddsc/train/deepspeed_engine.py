@@ -37,6 +37,7 @@ import torch
 from ddsc.config import ConfigError
 from ddsc.precision import cpu_auto_precision, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
+from ddsc.train.callbacks import batch_seed
 from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
 from ddsc.train.config import RunConfig
 from ddsc.train.metric_log import MetricLog
@@ -242,8 +243,8 @@ class DeepSpeedRun:
 
     def train_batch(self, batch: dict) -> dict[str, float]:
         """One optimizer step over the microbatches of this rank's batch; returns the batch's train metrics."""
-        seed = hash((self.config.trainer.seed, self.rank, self.progress.batch)) % 2**63
-        torch.manual_seed(seed)  # noise is a function of the step (resumes draw what the first run drew)
+        # noise is a function of the step (resumes draw what the first run drew), as in the Composer engine
+        torch.manual_seed(batch_seed(self.config.trainer.seed, self.rank, self.progress.batch))
         self.engine.train()
         metrics = self.model.get_metrics(is_train=True)
         for metric in metrics.values():
