@@ -46,6 +46,7 @@ from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.samplers import sample
 from ddsc.errors import InputError
+from ddsc.model.conditions import ConditionValueError, encode_conditions
 from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
 from ddsc.precision import autocast
@@ -171,10 +172,11 @@ class Predictor:
         self.diffusion = from_dict(DiffusionConfig, self.config.diffusion)
         self.tokens = self.config.tokens
         self.max_length = self.config.max_genes
+        self.specs = self.config.model_config().conditions
         self.conditions = self.config.condition_names
         # Bins user counts exactly as in training (``bins_for``); conditions are encoded by ``_cond``.
         self.collator = CellCollator(
-            self.max_length, self.binning, labels, self.conditions, gene_vocab_size=self.config.gene_vocab_size
+            self.max_length, self.binning, labels, self.specs, gene_vocab_size=self.config.gene_vocab_size
         )
         self.autocast_dtype = _autocast_dtype(precision, self.device)
         self.batch_size = batch_size
@@ -270,27 +272,36 @@ class Predictor:
 
     # ---------------------------------------------------------------- batching
     def _cond(self, columns: dict[str, Sequence[str]], n: int) -> Tensor:
-        """Label ids [n, C]; a condition missing from ``columns`` is null. Unknown labels are an error."""
+        """The ``cond`` tensor [n, W] (``ddsc.model.conditions``); a condition missing from ``columns`` is null.
+
+        Labels must be known (``""`` is null); a molecule is any SMILES RDKit parses, seen in training or not; a
+        scalar any number (a dose in the training unit; 0 for the vehicle control).
+        """
         unknown = sorted(set(columns) - set(self.conditions))
         if unknown:
             raise ValueError(f"the model has no condition {unknown[0]!r} (its conditions: {self.conditions or 'none'})")
-        ids = np.zeros((n, len(self.conditions)), dtype=np.int64)
-        for j, name in enumerate(self.conditions):
-            if name not in columns:
+        values = {}
+        for name, vals in columns.items():
+            vals = [str(v) for v in vals]
+            if len(vals) not in (1, n):
+                raise ValueError(f"condition {name!r}: {len(vals)} values for {n} cells (give 1 or {n})")
+            values[name] = vals * n if len(vals) == 1 else vals
+        for spec in self.specs:
+            if spec.kind != "label" or spec.name not in values:
                 continue
-            values = [str(v) for v in columns[name]]
-            if len(values) not in (1, n):
-                raise ValueError(f"condition {name!r}: {len(values)} values for {n} cells (give 1 or {n})")
-            encoded = self.labels.encode(name, values)
-            unseen = sorted({v for v, i in zip(values, encoded, strict=True) if v and i == 0})
+            encoded = self.labels.encode(spec.name, values[spec.name])
+            unseen = sorted({v for v, i in zip(values[spec.name], encoded, strict=True) if v and i == 0})
             if unseen:
-                known = self.labels.labels[name]
+                known = self.labels.labels[spec.name]
                 raise ValueError(
-                    f"condition {name!r}: unknown label {unseen[0]!r} ({len(known)} known, e.g. "
+                    f"condition {spec.name!r}: unknown label {unseen[0]!r} ({len(known)} known, e.g. "
                     f"{', '.join(known[:5])}); use '' for the null label"
                 )
-            ids[:, j] = encoded
-        return torch.from_numpy(ids).to(self.device)
+        try:
+            cond = encode_conditions(self.specs, values, n, self.labels.encode)
+        except ConditionValueError as err:
+            raise ValueError(f"condition {err.name!r}: {err}") from None
+        return torch.from_numpy(cond).to(self.device)
 
     def _row_batches(self, cells: CellEntries, cond: Tensor, seed: int) -> Iterator[tuple[np.ndarray, RowBatch]]:
         """Cell batches (their indices) and their model rows; long cells split into random chunks."""
@@ -379,7 +390,7 @@ class Predictor:
         cells.counts[cells.hidden] = 0.0
         predicted = np.full(len(cells.tokens), -1, dtype=np.int64)
         expected = cells.counts.astype(np.float64)
-        cond = torch.zeros(cells.n_cells, len(self.conditions), dtype=torch.long, device=self.device)
+        cond = self._cond({}, cells.n_cells)
         generator = self._generator(seed)
         with self._bar(cells.n_cells, "impute") as bar, torch.no_grad(), self._autocast():
             for index, rows in self._row_batches(cells, cond, seed):
@@ -473,7 +484,7 @@ class Predictor:
         total = torch.zeros(cells.n_cells, width, dtype=torch.float64)
         chunks = torch.zeros(cells.n_cells, dtype=torch.float64)
         positions = torch.from_numpy(np.diff(cells.offsets)).double()
-        cond = torch.zeros(cells.n_cells, len(self.conditions), dtype=torch.long, device=self.device)
+        cond = self._cond({}, cells.n_cells)
         with self._bar(cells.n_cells, "embed") as bar, torch.no_grad(), self._autocast():
             for index, rows in self._row_batches(cells, cond, seed):
                 b = rows.batch

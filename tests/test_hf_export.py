@@ -325,7 +325,7 @@ def test_relative_imports_rewrite():
     with pytest.raises(ValueError, match="from ddsc import"):
         relative_imports("from ddsc import DDSCModel\n")
     sources = remote_code_sources()
-    assert set(sources) == {"config.py", "dit.py", "tokens.py", "hf.py"}
+    assert set(sources) == {"config.py", "dit.py", "conditions.py", "chemistry.py", "tokens.py", "hf.py"}
     assert all("ddsc." not in line for s in sources.values() for line in s.splitlines() if "import" in line)
 
 

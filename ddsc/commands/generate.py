@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--condition",
         action="append",
         default=[],
-        metavar="COLUMN=VALUE",
-        help="e.g. --condition cell_line_id=CVCL_0023 --condition drug=DMSO_TF (repeatable)",
+        metavar="NAME=VALUE",
+        help="e.g. --condition cell_line_id=CVCL_0023 --condition drug=DMSO_TF; for a molecule model "
+        "--condition smiles='CC(=O)Oc1ccccc1C(=O)O' --condition dose=0.5 (any SMILES, any dose; repeatable)",
     )
     parser.add_argument("--method", default="first_hitting", choices=["ancestral", "first_hitting", "confidence"])
     parser.add_argument("--steps", type=int, default=32)
@@ -36,7 +37,7 @@ def parse_conditions(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         column, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--condition {item!r}: expected COLUMN=VALUE")
+            raise ValueError(f"--condition {item!r}: expected NAME=VALUE")
         conditions[column.strip()] = [value.strip()]
     return conditions
 

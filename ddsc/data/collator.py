@@ -19,6 +19,8 @@ from ddsc.data.binning import bin_counts
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.labels import LabelVocab
 from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS, GENE_PAD, ExpressionTokens
+from ddsc.model.conditions import ConditionValueError, encode_conditions
+from ddsc.model.config import ConditionConfig
 
 
 def pad_cells(genes: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +50,10 @@ class CellCollator:
     Output keys (B cells, ``L = 1 + min(max_length, longest cell)``): ``gene_ids`` int64 [B, L] (``<cls>`` at
     0, ``<pad>`` at padding), ``expr`` int64 [B, L] (clean bins; ``tokens.cls`` / ``tokens.pad``), ``counts``
     float32 [B, L], ``real`` bool [B, L] (real genes only), ``attention_mask`` bool [B, L] (cls + real genes),
-    ``cond`` int64 [B, C] (label ids in the order of ``conditions``; 0 = null / unknown).
+    ``cond`` [B, W] (the conditions in the layout of ``ddsc.model.conditions``: int64 label ids when all are
+    labels, 0 = null / unknown). A condition given by name only is a label condition. Molecule and scalar
+    conditions are read from their ``column`` and are required: a cell without a parsable value is an error
+    naming the cell (training checks the dataset's distinct values up front, ``check_condition_values``).
 
     ``gene_vocab_size`` is needed only when ``binning.zero_fraction > 0``: unexpressed genes are drawn
     uniformly from the gene ids ``FIRST_GENE_ID..gene_vocab_size-1`` that the cell does not express.
@@ -59,15 +64,17 @@ class CellCollator:
         max_length: int,
         binning: BinningConfig,
         labels: LabelVocab | None = None,
-        conditions: Sequence[str] = (),
+        conditions: Sequence[ConditionConfig | str] = (),
         seed: int = 0,
         gene_vocab_size: int | None = None,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        if conditions and labels is None:
-            raise ValueError(f"conditions {list(conditions)} need a label vocabulary (data.labels)")
-        for column in conditions:
+        specs = [ConditionConfig(c) if isinstance(c, str) else c for c in conditions]
+        label_columns = [c.name for c in specs if c.kind == "label"]
+        if label_columns and labels is None:
+            raise ValueError(f"conditions {label_columns} need a label vocabulary (data.labels)")
+        for column in label_columns:
             labels.num_labels(column)  # fails early, naming the column, if labels.json lacks it
         if binning.zero_fraction > 0 and (gene_vocab_size is None or gene_vocab_size <= FIRST_GENE_ID):
             raise ValueError("binning.zero_fraction > 0 needs gene_vocab_size (to draw unexpressed genes)")
@@ -75,7 +82,8 @@ class CellCollator:
         self.binning = binning
         self.tokens = ExpressionTokens(binning.num_bins)
         self.labels = labels
-        self.conditions = tuple(conditions)
+        self.specs = tuple(specs)
+        self.conditions = tuple(c.name for c in specs)
         self.seed = seed
         self.gene_vocab_size = gene_vocab_size
 
@@ -174,7 +182,10 @@ class CellCollator:
         return candidates, usable & (usable.cumsum(dim=1) <= wanted[:, None])
 
     def _encode_conditions(self, samples: list[dict]) -> Tensor:
-        columns = [self.labels.encode(col, [str(s.get(col, "")) for s in samples]) for col in self.conditions]
-        if not columns:
-            return torch.zeros(len(samples), 0, dtype=torch.int64)
-        return torch.from_numpy(np.stack(columns, axis=1))
+        values = {c.name: [str(s.get(c.source, "")) for s in samples] for c in self.specs}
+        label_ids = self.labels.encode if self.labels is not None else None
+        try:
+            cond = encode_conditions(self.specs, values, len(samples), label_ids, required=True)
+        except ConditionValueError as err:
+            raise ValueError(f"cell {samples[err.row].get('cell_id', err.row)!r}: {err}") from None
+        return torch.from_numpy(cond)

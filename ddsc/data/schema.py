@@ -40,8 +40,9 @@ MDS_COLUMNS: dict[str, str] = {
 COUNT_DTYPES: tuple[type[np.integer], ...] = (np.uint16, np.int32)
 
 # Written beside the split folders: sorted unique values of these columns over the whole dataset, so the
-# condition-label vocabulary is known before training starts (no pass over the data needed).
+# condition-label vocabulary is known before training starts (no pass over the data needed), and so are the
+# distinct SMILES and doses that molecule and scalar conditions check up front.
 LABELS_FILE = "labels.json"
-LABEL_COLUMNS: tuple[str, ...] = ("cell_line_id", "drug", "dose", "plate", "moa_fine")
+LABEL_COLUMNS: tuple[str, ...] = ("cell_line_id", "drug", "dose", "plate", "moa_fine", "canonical_smiles")
 SUMMARY_FILE = "summary.json"
 VOCAB_FILE = "vocab.json"  # the gene vocabulary (token id <-> Ensembl id <-> symbol), also beside the splits

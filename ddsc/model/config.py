@@ -13,22 +13,45 @@ from typing import Literal
 ConfigError = ValueError
 
 
+ConditionKind = Literal["label", "molecule", "scalar"]
+
+
 @dataclass
 class ConditionConfig:
-    """One cell-level condition that modulates every block through adaLN-Zero.
+    """One cell-level condition that modulates every block through adaLN-Zero (``ddsc.model.conditions``).
 
-    ``name`` is an MDS metadata column (``cell_line_id``, ``drug``, ``dose``, ...). During training the label is
-    replaced by the learned null label with probability ``dropout``, which is what makes classifier-free
-    guidance possible at sampling time.
+    ``kind``: ``label`` (an id from ``labels.json``), ``molecule`` (a SMILES string -> Morgan fingerprint -> MLP,
+    so drugs never seen in training can be asked for) or ``scalar`` (a number such as a dose -> Fourier features
+    -> MLP, so unseen values can be asked for). ``name`` is how users address the condition (``ddsc generate
+    --condition name=value``, AnnData ``obs``); ``column`` is the MDS metadata column training reads (default:
+    ``name``; e.g. a molecule condition ``smiles`` reads ``canonical_smiles``). During training the condition is
+    replaced by its learned null value with probability ``dropout``, which is what makes classifier-free guidance
+    possible at sampling time, one condition at a time.
     """
 
     name: str
     dropout: float = 0.1
-    num_labels: int = 0  # real labels, without the null label (id 0); 0 = fill from the label vocabulary
+    num_labels: int = 0  # label: real labels, without the null label (id 0); 0 = fill from the label vocabulary
+    kind: ConditionKind = "label"
+    column: str = ""
+    fingerprint_radius: int = 2  # molecule: Morgan radius (ECFP4) ...
+    fingerprint_bits: int = 2048  # ... folded to this many bits
+    log10: bool = True  # scalar: encode log10(value) (doses span decades); the value 0 gets its own embedding
+    fourier_features: int = 16  # scalar: sin/cos pairs of the (log) value fed to the MLP
 
     def __post_init__(self) -> None:
+        if self.kind not in ("label", "molecule", "scalar"):
+            raise ConfigError(f"conditions.{self.name}.kind: must be label, molecule or scalar, got {self.kind!r}")
         if not 0.0 <= self.dropout <= 1.0:
             raise ConfigError(f"conditions.{self.name}.dropout: must be in [0, 1], got {self.dropout}")
+        for key in ("fingerprint_radius", "fingerprint_bits", "fourier_features"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"conditions.{self.name}.{key}: must be positive, got {getattr(self, key)}")
+
+    @property
+    def source(self) -> str:
+        """The metadata column the condition is read from."""
+        return self.column or self.name
 
 
 # (d_model, n_layers, n_heads). "ddsc" is the size of the original DDSC model. Parameter counts (DiT.num_params,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddsc.data.tokens import ExpressionTokens
+from ddsc.model.conditions import column_slices, condition_encoder, null_cond
 from ddsc.model.config import ModelConfig
 
 
@@ -201,15 +202,16 @@ class DiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         for condition in cfg.conditions:
-            if condition.num_labels <= 0:
+            if condition.kind == "label" and condition.num_labels <= 0:
                 raise ValueError(f"model.conditions.{condition.name}.num_labels must be filled (> 0) before building")
         self.cfg = cfg
         self.tokens = ExpressionTokens(cfg.num_bins)
         d = cfg.d_model
         self.gene_embedding = nn.Embedding(cfg.gene_vocab_size, d)
         self.expr_embedding = nn.Embedding(self.tokens.vocab_size, d)
-        # One table per condition; row 0 is the learned null label (CFG's unconditional branch).
-        self.cond_embeddings = nn.ModuleList(nn.Embedding(c.num_labels + 1, d) for c in cfg.conditions)
+        # One encoder per condition (``ddsc.model.conditions``), each with a learned null (CFG's unconditional branch).
+        self.cond_embeddings = nn.ModuleList(condition_encoder(c, d) for c in cfg.conditions)
+        self.cond_columns = column_slices(cfg.conditions)
         self.time_embedding = TimeEmbedding(d) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -234,22 +236,24 @@ class DiT(nn.Module):
     def condition(self, batch_size: int, device: torch.device, cond: Tensor | None, t: Tensor | None) -> Tensor:
         """The conditioning vector [B, D]: sum of condition embeddings (+ time embedding).
 
-        ``cond=None`` means every condition is null. In training mode each condition is independently replaced
-        by null with its ``dropout`` probability, which trains the unconditional branch for guidance.
+        ``cond`` is laid out as ``ddsc.model.conditions`` says; ``cond=None`` means every condition is null. In
+        training mode each condition is independently replaced by null with its ``dropout`` probability, which
+        trains the unconditional branch for guidance.
         """
         c = torch.zeros(batch_size, self.cfg.d_model, device=device)
         if self.cond_embeddings:
             if cond is None:
-                cond = torch.zeros(batch_size, len(self.cond_embeddings), dtype=torch.long, device=device)
-            if cond.shape != (batch_size, len(self.cond_embeddings)):
-                raise ValueError(
-                    f"cond has shape {tuple(cond.shape)}, expected [{batch_size}, {len(self.cond_embeddings)}]"
-                )
-            for i, (embedding, spec) in enumerate(zip(self.cond_embeddings, self.cfg.conditions, strict=True)):
-                labels = cond[:, i]
+                cond = null_cond(self.cfg.conditions, batch_size, device)
+            expected = (batch_size, self.cond_columns[-1].stop)
+            if cond.shape != expected:
+                raise ValueError(f"cond has shape {tuple(cond.shape)}, expected [{expected[0]}, {expected[1]}]")
+            for encoder, spec, columns in zip(
+                self.cond_embeddings, self.cfg.conditions, self.cond_columns, strict=True
+            ):
+                drop = torch.zeros(batch_size, dtype=torch.bool, device=device)
                 if self.training and spec.dropout > 0:
-                    labels = labels.masked_fill(torch.rand(batch_size, device=device) < spec.dropout, 0)
-                c = c + embedding(labels)
+                    drop = torch.rand(batch_size, device=device) < spec.dropout
+                c = c + encoder(cond[:, columns], drop)
         if self.time_embedding is not None:
             if t is None:
                 raise ValueError("model.time_conditioning is on: pass the diffusion time t")

@@ -7,11 +7,11 @@ Folder layout (``write_hf_folder``)::
     vocab.json           gene vocabulary (token id <-> Ensembl id <-> symbol)
     labels.json          condition labels (id 0 = null); {} for an unconditional model
     train_config.yaml    the exact resolved training config, when known
-    config.py dit.py tokens.py hf.py   the modelling code, for trust_remote_code
+    config.py dit.py conditions.py chemistry.py tokens.py hf.py   the modelling code, for trust_remote_code
 
 The modelling code is ddsc's own source, copied verbatim except that ``from ddsc.<pkg>.<module> import`` becomes
 ``from .<module> import``: transformers copies a remote-code module together with its relative imports, so
-the four files form a closed package of their own. The folder is written under a temporary name and renamed
+these files form a closed package of their own. The folder is written under a temporary name and renamed
 when complete, so an interrupted export never leaves a folder that looks finished.
 """
 
@@ -27,11 +27,13 @@ from typing import Any
 import yaml
 
 from ddsc.config import load_config, to_dict
+from ddsc.data import chemistry as chemistry_module
 from ddsc.data import tokens as tokens_module
 from ddsc.data.labels import LabelVocab
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.vocab import GeneVocab
 from ddsc.done import StepInputs
+from ddsc.model import conditions as conditions_module
 from ddsc.model import config as model_config_module
 from ddsc.model import dit as dit_module
 from ddsc.model import hf as hf_module
@@ -41,6 +43,8 @@ from ddsc.model.hf import DDSCConfig, DDSCModel
 REMOTE_CODE_MODULES = {
     "config.py": model_config_module,
     "dit.py": dit_module,
+    "conditions.py": conditions_module,
+    "chemistry.py": chemistry_module,
     "tokens.py": tokens_module,
     "hf.py": hf_module,
 }
@@ -112,8 +116,8 @@ def write_hf_folder(
 
 
 def check_labels(config: DDSCConfig, labels: LabelVocab | None) -> None:
-    """Every condition of the model needs its label column, with exactly the number of labels it embeds."""
-    for condition in config.conditions:
+    """Every label condition of the model needs its label column, with exactly the number of labels it embeds."""
+    for condition in (c for c in config.conditions if c["kind"] == "label"):
         if labels is None:
             raise ValueError(f"the model is conditioned on {condition['name']!r}: a label vocabulary is required")
         n = labels.num_labels(condition["name"])
@@ -139,13 +143,13 @@ class ExportSummary:
     checkpoint_kind: str
     num_params: int
     genes: int
-    conditions: dict[str, int]
+    conditions: dict[str, str]  # name -> "N labels" / "molecule" / "scalar"
     up_to_date: bool = False  # the folder was already exported from the same files: nothing written
 
     def format(self) -> str:
         if self.up_to_date:
             return f"{self.out} is up to date with its {self.checkpoint_kind} checkpoint; nothing to do"
-        conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
+        conds = ", ".join(f"{k} ({v})" for k, v in self.conditions.items()) or "none"
         return (
             f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
             f"{self.genes:,} genes in the vocabulary, conditions: {conds}"
@@ -219,5 +223,5 @@ def export_checkpoint(
         checkpoint_kind=kind,
         num_params=model.dit.num_params(),
         genes=vocab.num_genes,
-        conditions={c.name: c.num_labels for c in run.model.conditions},
+        conditions={c.name: f"{c.num_labels} labels" if c.kind == "label" else c.kind for c in run.model.conditions},
     )

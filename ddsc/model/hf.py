@@ -1,10 +1,11 @@
 """Hugging Face wrappers: ``DDSCConfig`` (a ``PretrainedConfig``) and ``DDSCModel`` (a ``PreTrainedModel``).
 
-This file ships verbatim inside every export (``ddsc.model.export``), next to ``config.py``, ``dit.py`` and
-``tokens.py``, with its ``ddsc`` imports rewritten to relative ones. That is what lets
-``transformers.AutoModel.from_pretrained(dir, trust_remote_code=True)`` work on a machine without ``ddsc``.
-So it may import only those three modules (plus torch and transformers), and must import all three directly:
-for a local folder transformers copies only the entry module's own relative imports.
+This file ships verbatim inside every export (``ddsc.model.export``), next to ``config.py``, ``dit.py``,
+``conditions.py``, ``chemistry.py`` and ``tokens.py``, with its ``ddsc`` imports rewritten to relative ones. That
+is what lets ``transformers.AutoModel.from_pretrained(dir, trust_remote_code=True)`` work on a machine without
+``ddsc``. So it may import only those modules (plus numpy, torch and transformers; RDKit only for molecule
+conditions), and must import all of them directly: for a local folder transformers copies only the entry
+module's own relative imports.
 
 ``config.json`` stores every field explicitly (no "differs from the default" diffing): a released model must
 not change meaning when a default changes in a later version. Besides the architecture it carries what a user
@@ -16,12 +17,17 @@ because transformers reserves ``max_length`` for generation), ``binning`` (how r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from ddsc.data.chemistry import morgan_fingerprint  # noqa: F401 (shipped: conditions.py fingerprints with it)
 from ddsc.data.tokens import ExpressionTokens
+from ddsc.model.conditions import encode_conditions
 from ddsc.model.config import ConditionConfig, ModelConfig
 from ddsc.model.dit import DiT
 
@@ -115,6 +121,23 @@ class DDSCModel(PreTrainedModel):
     ) -> Tensor:
         """Final hidden states float32 [B, L, D]: ``[:, 0]`` is the CLS embedding."""
         return self.dit.hidden(gene_ids, expr, attention_mask, cond, t)
+
+    def encode_conditions(
+        self, values: Mapping[str, Sequence[str]], n: int, labels: Mapping[str, Sequence[str]] | None = None
+    ) -> Tensor:
+        """The ``cond`` tensor of ``n`` cells from raw values ``{condition name: n values}`` (missing = null).
+
+        Label conditions look their strings up in ``labels`` (the folder's ``labels.json``; unknown = null),
+        molecule conditions fingerprint SMILES strings (needs RDKit), scalar conditions parse numbers. For use
+        without ``ddsc``; ``ddsc.inference.Predictor`` does the same with checks on the labels.
+        """
+        index = {col: {v: i + 1 for i, v in enumerate(vals)} for col, vals in (labels or {}).items()}
+
+        def label_ids(column: str, vals: Sequence[str]) -> np.ndarray:
+            return np.array([index.get(column, {}).get(v, 0) for v in vals], dtype=np.int64)
+
+        cond = encode_conditions(self.dit.cfg.conditions, values, n, label_ids)
+        return torch.from_numpy(cond).to(self.device)
 
 
 # Register with the Auto classes only as ``ddsc`` itself: the copy transformers loads as remote code must not

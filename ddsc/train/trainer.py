@@ -20,6 +20,7 @@ from ddsc.data.labels import LabelVocab
 from ddsc.data.remote import is_url
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.streaming import build_dataloader, check_streams
+from ddsc.model.conditions import ConditionValueError, encode_values
 from ddsc.model.config import ModelConfig
 from ddsc.train.assets import all_local, fetch_assets, local_path, needed
 from ddsc.train.config import RunConfig
@@ -64,9 +65,12 @@ def load_labels(config: RunConfig) -> LabelVocab | None:
 
 
 def resolve_model_config(model: ModelConfig, labels: LabelVocab | None) -> ModelConfig:
-    """Fill each condition's ``num_labels`` from the label vocabulary (a set value must agree with it)."""
+    """Fill each label condition's ``num_labels`` from the label vocabulary (a set value must agree with it)."""
     conditions = []
     for cond in model.conditions:
+        if cond.kind != "label":
+            conditions.append(cond)
+            continue
         if labels is None:
             raise ConfigError(f"model.conditions: '{cond.name}' needs data.labels")
         try:
@@ -77,6 +81,36 @@ def resolve_model_config(model: ModelConfig, labels: LabelVocab | None) -> Model
             raise ConfigError(f"model.conditions.{cond.name}.num_labels={cond.num_labels} but labels.json has {n}")
         conditions.append(dataclasses.replace(cond, num_labels=n))
     return dataclasses.replace(model, conditions=conditions)
+
+
+def check_condition_values(model: ModelConfig, labels: LabelVocab | None) -> None:
+    """Every distinct value (``labels.json``) of a molecule or scalar condition's column must encode.
+
+    Checked before training, so that an unparsable SMILES or a non-numeric dose stops the run at once, naming
+    the value and how many distinct values are affected, instead of at the first such cell mid-epoch (the
+    collator's error names that cell; it is what a dataset without a complete ``labels.json`` would meet).
+    """
+    for spec in model.conditions:
+        if spec.kind == "label":
+            continue
+        where = f"model.conditions.{spec.name}"
+        if labels is None or spec.source not in labels.labels:
+            raise ConfigError(
+                f"{where}: data.labels has no {spec.source!r} column, whose distinct values are checked before "
+                "training (convert the data again: data_prep lists them in labels.json)"
+            )
+        values = labels.labels[spec.source]
+        bad = []
+        for value in values:
+            try:
+                encode_values(spec, [value])
+            except ConditionValueError as err:
+                bad.append(str(err))
+        if bad:
+            raise ConfigError(
+                f"{where}: {len(bad)} of {len(values)} distinct values of column {spec.source!r} cannot be encoded "
+                f"(first: {bad[0]}); fix or drop those cells"
+            )
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
@@ -98,7 +132,7 @@ def build_loaders(config: RunConfig, world_size: int):
         max_length=data.max_length,
         binning=data.binning,
         labels=load_labels(config),
-        conditions=[c.name for c in config.model.conditions],
+        conditions=config.model.conditions,
         seed=config.trainer.seed,
         gene_vocab_size=config.model.gene_vocab_size,
     )
@@ -174,6 +208,7 @@ def check_run(config: RunConfig) -> RunConfig:
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
 
     resolved = resolve_run_config(config)
+    check_condition_values(resolved.model, load_labels(config))
     check_gene_vocab(config)
     save_folder = resolve_save_folder(config)
     if save_folder and config.trainer.autoresume:
