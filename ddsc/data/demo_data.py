@@ -13,6 +13,16 @@ with dose (a Hill curve), DMSO_TF controls (effect 0) and log-normal library siz
 stores every term plus the exact expected expression profile per (cell line, drug, dose), so generated
 cells can later be compared with the truth.
 
+Chemistry. Each demo drug is a real compound (``COMPOUNDS``: public structures of well-known drugs, written as
+``canonical_smiles``), and its effect is a fixed function of its Morgan fingerprint (``ddsc.data.chemistry``),
+so a model conditioned on molecules can learn it and predict drugs it never saw: random projections of the
+fingerprint bits pick the programs a drug moves, their signs and sizes (``drug_program``), its EC50 and each
+cell line's sensitivity to it. Only bits set in at least ``SHARED_BIT_COMPOUNDS`` compounds of the library
+carry weight (substructures shared by a family: profens, quinazolines, xanthines, steroids, ...), so what
+drives a drug's effect is also seen in other drugs. ``held_out_drugs`` / ``held_out_dose`` keep drugs and a
+dose level out of the written cells (their true effects stay in the ground truth), for the unseen-drug and
+unseen-dose evaluation.
+
 The drug effects are sized so that a small model can learn them from a few thousand cells and the check is
 not drowned in noise, while staying plausible: each drug moves ``programs_per_drug`` programs of
 ``genes_per_program`` genes (by default about a fifth of all genes at the top dose, like a strong compound at
@@ -42,12 +52,55 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ddsc.data.chemistry import morgan_fingerprint
 from ddsc.data.tahoe import MARKER_EXPRESSION
 from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS
 from ddsc.done import StepInputs
 
 CONTROL = "DMSO_TF"
+CONTROL_SMILES = "CS(C)=O"
 DOSE_UNIT = "uM"
+SHARED_BIT_COMPOUNDS = 3
+# (name, SMILES) of the demo drugs, in the order they are used: demodrug_a is the first. Families are interleaved
+# so that a few drugs already differ and more drugs add relatives of the first ones.
+COMPOUNDS: tuple[tuple[str, str], ...] = (
+    ("aspirin", "CC(=O)Oc1ccccc1C(=O)O"),
+    ("imatinib", "Cc1ccc(NC(=O)c2ccc(CN3CCN(C)CC3)cc2)cc1Nc1nccc(-c2cccnc2)n1"),
+    ("caffeine", "Cn1cnc2c1c(=O)n(C)c(=O)n2C"),
+    ("ibuprofen", "CC(C)Cc1ccc(cc1)C(C)C(=O)O"),
+    ("gefitinib", "COc1cc2ncnc(Nc3ccc(F)c(Cl)c3)c2cc1OCCCN1CCOCC1"),
+    ("dexamethasone", "CC1CC2C3CCC4=CC(=O)C=CC4(C)C3(F)C(O)CC2(C)C1(O)C(=O)CO"),
+    ("gemcitabine", "Nc1ccn(C2OC(CO)C(O)C2(F)F)c(=O)n1"),
+    ("tamoxifen", "CCC(=C(c1ccccc1)c1ccc(OCCN(C)C)cc1)c1ccccc1"),
+    ("vorinostat", "ONC(=O)CCCCCCC(=O)Nc1ccccc1"),
+    ("chlorambucil", "OC(=O)CCCc1ccc(N(CCCl)CCCl)cc1"),
+    ("naproxen", "COc1ccc2cc(ccc2c1)C(C)C(=O)O"),
+    ("erlotinib", "COCCOc1cc2ncnc(Nc3cccc(c3)C#C)c2cc1OCCOC"),
+    ("theophylline", "Cn1c2nc[nH]c2c(=O)n(C)c1=O"),
+    ("prednisolone", "CC12CC(O)C3C(CCC4=CC(=O)C=CC34C)C1CCC2(O)C(=O)CO"),
+    ("cytarabine", "Nc1ccn(C2OC(CO)C(O)C2O)c(=O)n1"),
+    ("toremifene", "CN(C)CCOc1ccc(cc1)C(=C(CCCl)c1ccccc1)c1ccccc1"),
+    ("belinostat", "ONC(=O)C=Cc1cccc(c1)S(=O)(=O)Nc1ccccc1"),
+    ("melphalan", "NC(Cc1ccc(N(CCCl)CCCl)cc1)C(=O)O"),
+    ("ketoprofen", "CC(C(=O)O)c1cccc(c1)C(=O)c1ccccc1"),
+    ("lapatinib", "CS(=O)(=O)CCNCc1ccc(o1)-c1ccc2ncnc(Nc3ccc(OCc4cccc(F)c4)c(Cl)c3)c2c1"),
+    ("theobromine", "Cn1cnc2c1c(=O)[nH]c(=O)n2C"),
+    ("hydrocortisone", "CC12CCC(=O)C=C1CCC1C2C(O)CC2(C)C1CCC2(O)C(=O)CO"),
+    ("nilotinib", "Cc1cn(-c2cc(NC(=O)c3ccc(C)c(Nc4nccc(-c5cccnc5)n4)c3)cc(c2)C(F)(F)F)cn1"),
+    ("diclofenac", "OC(=O)Cc1ccccc1Nc1c(Cl)cccc1Cl"),
+    ("flurbiprofen", "CC(C(=O)O)c1ccc(-c2ccccc2)c(F)c1"),
+    ("panobinostat", "Cc1[nH]c2ccccc2c1CCNCc1ccc(C=CC(=O)NO)cc1"),
+    ("raloxifene", "Oc1ccc(cc1)-c1sc2cc(O)ccc2c1C(=O)c1ccc(OCCN2CCCCC2)cc1"),
+    ("mefenamic acid", "Cc1cccc(Nc2ccccc2C(=O)O)c1C"),
+    ("dasatinib", "Cc1nc(Nc2ncc(s2)C(=O)Nc2c(C)cccc2Cl)cc(n1)N1CCN(CCO)CC1"),
+    ("fluorouracil", "O=c1[nH]cc(F)c(=O)[nH]1"),
+    ("methotrexate", "CN(Cc1cnc2nc(N)nc(N)c2n1)c1ccc(cc1)C(=O)NC(CCC(=O)O)C(=O)O"),
+    ("celecoxib", "Cc1ccc(cc1)-c1cc(nn1-c1ccc(cc1)S(N)(=O)=O)C(F)(F)F"),
+    ("indomethacin", "COc1ccc2n(C(=O)c3ccc(Cl)cc3)c(C)c(CC(=O)O)c2c1"),
+    ("sorafenib", "CNC(=O)c1cc(Oc2ccc(NC(=O)Nc3ccc(Cl)c(c3)C(F)(F)F)cc2)ccn1"),
+    ("bosutinib", "COc1cc(Nc2c(C#N)cnc3cc(OCCCN4CCN(C)CC4)c(OC)cc23)c(Cl)cc1Cl"),
+    ("salicylic acid", "OC(=O)c1ccccc1O"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +123,16 @@ class DemoSpec:
     shards: int = 4
     row_group_size: int = 500
     seed: int = 0
+    held_out_drugs: int = 0  # drugs (chosen with the seed) whose cells are not written
+    held_out_dose: float = 0.0  # a dose (one of ``doses``) whose cells are not written; 0 = none
+
+    def __post_init__(self) -> None:
+        if not 0 < self.drugs <= len(COMPOUNDS):
+            raise ValueError(f"drugs: the demo has {len(COMPOUNDS)} compounds, got drugs={self.drugs}")
+        if not 0 <= self.held_out_drugs < self.drugs:
+            raise ValueError(f"held_out_drugs: must be in [0, drugs={self.drugs}), got {self.held_out_drugs}")
+        if self.held_out_dose and self.held_out_dose not in self.doses:
+            raise ValueError(f"held_out_dose: {self.held_out_dose} is not one of the doses {self.doses}")
 
 
 @dataclass
@@ -81,6 +144,7 @@ class GroundTruth:
     sensitivity: np.ndarray  # [L, D]
     ec50: np.ndarray  # [D]
     doses: np.ndarray  # [C]
+    fingerprints: np.ndarray  # [D, bits] Morgan fingerprints of the drugs' SMILES (row 0 = DMSO_TF)
 
     def effect(self) -> np.ndarray:
         """[L, D, C, G] log-rate effect of drug d at dose c on cell line l (0 for DMSO_TF)."""
@@ -96,6 +160,11 @@ class GroundTruth:
         return rate / rate.sum(axis=-1, keepdims=True)
 
 
+def drug_smiles(spec: DemoSpec) -> list[str]:
+    """SMILES of DMSO_TF and the spec's drugs, in drug order."""
+    return [CONTROL_SMILES] + [smiles for _, smiles in COMPOUNDS[: spec.drugs]]
+
+
 def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
     n_drugs = spec.drugs + 1
     member = np.zeros((spec.programs, spec.genes))
@@ -104,12 +173,25 @@ def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
     line_program = rng.normal(0.0, 1.0, (spec.cell_lines, spec.programs)) * (
         rng.random((spec.cell_lines, spec.programs)) < 0.3
     )
+    fingerprints = np.stack([morgan_fingerprint(s) for s in drug_smiles(spec)]).astype(np.float64)
+    library = np.stack([morgan_fingerprint(s) for _, s in COMPOUNDS])
+    shared = library.sum(axis=0) >= SHARED_BIT_COMPOUNDS  # the same bits whatever the spec's number of drugs
+    # shared bits, scaled to unit norm and centred on the library's mean (bits most compounds have, such as an
+    # aromatic carbon, would otherwise push every drug towards the same programs)
+    features, centre = (x * shared / np.sqrt(np.maximum((x * shared).sum(1, keepdims=True), 1)) for x in (fingerprints, library))
+    features = features - centre.mean(axis=0)
+    projection = rng.normal(0.0, 1.0, (len(shared), spec.programs + 1 + spec.cell_lines))
+    score = features @ projection  # [D, programs + ec50 + cell lines], about N(0, 1) per drug
+    program_score = score[:, : spec.programs]
     drug_program = np.zeros((n_drugs, spec.programs))
-    for d in range(1, n_drugs):  # each drug moves a few programs, up or down
-        k = spec.programs_per_drug
-        targets = rng.choice(spec.programs, k, replace=False)
-        drug_program[d, targets] = rng.choice([-1.0, 1.0], k) * rng.uniform(*spec.drug_effect, k)
-    sensitivity = rng.uniform(*spec.sensitivity, (spec.cell_lines, n_drugs))
+    low, high = spec.drug_effect
+    for d in range(1, n_drugs):  # each drug moves its programs_per_drug highest-scoring programs, up or down
+        targets = np.argsort(-np.abs(program_score[d]), kind="stable")[: spec.programs_per_drug]
+        size = low + (high - low) * np.tanh(np.abs(program_score[d, targets]) / 2)
+        drug_program[d, targets] = np.sign(program_score[d, targets]) * size
+    unit = 1 / (1 + np.exp(-score[:, spec.programs :]))  # [D, 1 + cell lines] in (0, 1): the EC50, then each line
+    log_ec50 = np.log(spec.ec50[0]) + np.log(spec.ec50[1] / spec.ec50[0]) * unit[:, 0]
+    sensitivity = spec.sensitivity[0] + (spec.sensitivity[1] - spec.sensitivity[0]) * unit[:, 1:].T
     sensitivity[:, 0] = 0.0
     return GroundTruth(
         base=rng.normal(0.0, 1.5, spec.genes),
@@ -117,9 +199,16 @@ def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
         line_effect=line_program @ member,
         drug_program=drug_program,
         sensitivity=sensitivity,
-        ec50=np.exp(rng.uniform(*np.log(spec.ec50), n_drugs)),
+        ec50=np.exp(log_ec50),
         doses=np.asarray(spec.doses, dtype=np.float64),
+        fingerprints=fingerprints,
     )
+
+
+def held_out(spec: DemoSpec) -> list[int]:
+    """Drug indices (1..drugs) whose cells the demo does not write: a fixed choice per seed."""
+    rng = np.random.default_rng([spec.seed, 1])
+    return sorted(int(d) for d in rng.choice(np.arange(1, spec.drugs + 1), spec.held_out_drugs, replace=False))
 
 
 def draw_counts(spec: DemoSpec, profile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -171,11 +260,14 @@ def _with_markers(counts: np.ndarray, token_ids: np.ndarray) -> tuple[np.ndarray
 
 
 def _samples(spec: DemoSpec, drug_names: list[str]) -> list[dict]:
-    """Wells: per plate, every (drug, dose) once and a few DMSO_TF controls (dose index -1)."""
+    """Wells: per plate, every (drug, dose) once and a few DMSO_TF controls (dose index -1); none for the
+    held-out drugs and dose."""
+    skip = set(held_out(spec))
+    doses = [c for c, x in enumerate(spec.doses) if x != spec.held_out_dose]
     wells = []
     for plate in range(1, spec.plates + 1):
         conditions = [(0, -1)] * spec.control_wells_per_plate
-        conditions += [(d, c) for d in range(1, len(drug_names)) for c in range(len(spec.doses))]
+        conditions += [(d, c) for d in range(1, len(drug_names)) if d not in skip for c in doses]
         for d, c in conditions:
             dose = 0.0 if c < 0 else spec.doses[c]
             wells.append(
@@ -227,7 +319,7 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
 
     profile = truth.expected_profile()  # [L, D, C, G]
     moa = {d: ("vehicle" if d == CONTROL else f"demo mechanism {i}") for i, d in enumerate(drugs)}
-    smiles = {d: ("CS(C)=O" if d == CONTROL else "C" * (i + 2) + "O") for i, d in enumerate(drugs)}
+    smiles = dict(zip(drugs, drug_smiles(spec), strict=True))
     cid = {d: ("679.0" if d == CONTROL else f"{9000000 + i}.0") for i, d in enumerate(drugs)}
     bounds = np.linspace(0, spec.cells, spec.shards + 1).astype(int)
     for shard in tqdm(range(spec.shards), desc="demo shards"):
@@ -263,6 +355,7 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
         sensitivity=truth.sensitivity,
         ec50=truth.ec50,
         doses=truth.doses,
+        fingerprints=truth.fingerprints.astype(np.uint8),
         gene_token_ids=token_ids,
     )
     conditions = {
@@ -272,10 +365,17 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
             "dose": [format(x, "g") for x in spec.doses],
             "gene_token_ids": "effects.npz:gene_token_ids",
         },
+        "smiles": smiles,
+        "compounds": {d: name for d, (name, _) in zip(drugs[1:], COMPOUNDS, strict=False)},
+        "held_out": {
+            "drugs": [drugs[d] for d in held_out(spec)],
+            "doses": [format(spec.held_out_dose, "g")] if spec.held_out_dose else [],
+        },
         "arrays": {
             "effect": "[cell_line, drug, dose, gene] log-rate effect vs DMSO_TF of the same line",
             "expected_profile": "[cell_line, drug, dose, gene] expected fraction of a cell's counts; "
             "DMSO_TF (drug 0) is the same at every dose index",
+            "fingerprints": "[drug, bit] Morgan fingerprint (radius 2, 2048 bits) of the drug's SMILES",
         },
         "model": __doc__.split("::", 1)[1].split("with gene programs", 1)[0].strip(),
         "dose_unit": DOSE_UNIT,

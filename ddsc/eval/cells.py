@@ -27,7 +27,7 @@ class EvalCells:
     cell_ids: list[str]
     genes: list[np.ndarray]  # int64 per cell
     bins: list[np.ndarray]  # int64 per cell, 0..K-1
-    cond: np.ndarray  # int64 [N, C]
+    cond: np.ndarray  # [N, W] the collator's ``cond`` rows (``ddsc.model.conditions``)
     metadata: dict[str, list[str]]  # metadata columns present in the samples, one string per cell
     counts: list[np.ndarray] | None = None  # float64 per cell: the raw count behind each bin
 
@@ -57,7 +57,7 @@ def fresh_collator(collator: CellCollator, seed: int, max_length: int | None = N
         max_length=collator.max_length if max_length is None else max_length,
         binning=collator.binning,
         labels=collator.labels,
-        conditions=collator.conditions,
+        conditions=collator.specs,
         seed=seed,
         gene_vocab_size=collator.gene_vocab_size,
     )
@@ -97,7 +97,7 @@ def pack(cells: EvalCells, idx: Sequence[int], tokens: ExpressionTokens, cond: n
     n = len(idx)
     bins = torch.where(valid, values.long(), torch.full_like(gene_ids, tokens.pad))
     first = torch.ones(n, 1, dtype=torch.bool)
-    labels = cells.cond[list(idx)] if cond is None else np.asarray(cond, dtype=np.int64)
+    labels = cells.cond[list(idx)] if cond is None else np.asarray(cond, dtype=cells.cond.dtype)
     return {
         "gene_ids": torch.cat([torch.full((n, 1), GENE_CLS), gene_ids], dim=1),
         "expr": torch.cat([torch.full((n, 1), tokens.cls), bins], dim=1),

@@ -53,7 +53,7 @@ def generate_bins(
 ) -> EvalCells:
     """Generated cells: every bin of cell ``idx[j]``'s genes generated with labels ``cond[j]`` (default: its
     own). Metadata and ids follow ``idx``."""
-    labels = cells.cond[idx] if cond is None else np.asarray(cond, np.int64)
+    labels = cells.cond[idx] if cond is None else np.asarray(cond, cells.cond.dtype)
     genes: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
     bins: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
     panel_cells = EvalCells(
