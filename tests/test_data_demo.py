@@ -94,3 +94,36 @@ def test_a_finished_demo_dataset_is_not_written_again(tmp_path):
     assert make_demo_data_once(tmp_path, small)
     assert make_demo_data_once(tmp_path, DemoSpec(cells=200, genes=100, shards=2, seed=2))  # other settings
     assert pq.read_table(sorted((tmp_path / "data").glob("*.parquet"))).num_rows == 200
+
+
+def test_drug_effects_are_a_function_of_chemistry_and_held_out_drugs_have_no_cells(tmp_path):
+    from ddsc.data.chemistry import morgan_fingerprint
+    from ddsc.data.demo_data import COMPOUNDS, drug_smiles, held_out, make_ground_truth
+
+    few, many = DemoSpec(drugs=2, seed=7), DemoSpec(drugs=6, seed=7)
+    truth_few, truth_many = (make_ground_truth(s, np.random.default_rng(7)) for s in (few, many))
+    # the same compound gets the same programs, EC50 and sensitivities whatever else is in the library
+    np.testing.assert_allclose(truth_few.drug_program[1:], truth_many.drug_program[1:3], rtol=1e-12)
+    np.testing.assert_allclose(truth_few.ec50[1:], truth_many.ec50[1:3])
+    assert drug_smiles(few) == ["CS(C)=O", COMPOUNDS[0][1], COMPOUNDS[1][1]]
+    np.testing.assert_array_equal(truth_few.fingerprints[1], morgan_fingerprint(COMPOUNDS[0][1]))
+
+    spec = DemoSpec(
+        cells=600, genes=100, drugs=6, shards=1, programs=6, genes_per_program=20, held_out_drugs=2, held_out_dose=0.5
+    )
+    make_demo_data(tmp_path, spec)
+    described = json.loads((tmp_path / "ground_truth" / "conditions.json").read_text())
+    drugs = described["axes"]["drug"]
+    assert described["held_out"] == {"drugs": [drugs[d] for d in held_out(spec)], "doses": ["0.5"]}
+    assert described["smiles"][drugs[1]] == COMPOUNDS[0][1] and described["compounds"][drugs[1]] == COMPOUNDS[0][0]
+    table = pq.read_table(sorted((tmp_path / "data").glob("*.parquet"))).to_pydict()
+    written = set(table["drug"])
+    assert written == set(drugs) - set(described["held_out"]["drugs"])
+    doses = {
+        ast.literal_eval(r)[0][1]
+        for r in pq.read_table(tmp_path / "sample_metadata.parquet")["drugname_drugconc"].to_pylist()
+    }
+    assert doses == {0.0, 0.05, 5.0}
+    truth = np.load(tmp_path / "ground_truth" / "effects.npz")
+    assert truth["effect"].shape == (spec.cell_lines, 7, 3, 100)  # held-out drugs and dose keep their effects
+    assert all(np.abs(truth["effect"][:, d, 1]).max() > 0.1 for d in held_out(spec))

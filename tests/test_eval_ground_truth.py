@@ -294,3 +294,60 @@ def test_oracle_of_the_true_profiles_scores_like_the_real_data(tmp_path):
     assert abs(oracle["by_dose"][top] - real["by_dose"][top]) < 0.08
     # ... and at every dose the noise-free oracle scores at least as high as the finite real data
     assert all(oracle["by_dose"][d] > real["by_dose"][d] - 0.02 for d in truth.doses)
+
+
+# ---------------------------------------------------------------- unseen drugs and doses (molecule models)
+
+
+def test_held_out_drugs_splits_and_baselines(tmp_path):
+    from ddsc.eval.ground_truth import _by_split, _score, treatment_cond
+    from ddsc.model.conditions import VALUE, ZERO
+    from ddsc.model.config import ConditionConfig
+
+    spec = DemoSpec(cells=200, genes=40, cell_lines=1, drugs=4, shards=1, programs=4, genes_per_program=10)
+    make_demo_data(tmp_path / "tahoe", DemoSpec(**{**spec.__dict__, "held_out_drugs": 1, "held_out_dose": 0.5}))
+    truth = DrugEffects.load(tmp_path / "tahoe" / "ground_truth")
+    (unseen,) = truth.held_out_drugs
+    seen = [d for d in truth.drugs[1:] if d != unseen]
+    assert truth.split(seen[0], "5") == "seen" and truth.split(unseen, "5") == "unseen_drug"
+    assert truth.split(seen[0], "0.5") == "unseen_dose" and truth.split(unseen, "0.5") == "unseen_drug_and_dose"
+    mds = tmp_path / "mds"
+    mds.mkdir()
+    (mds / "labels.json").write_text(json.dumps({"cell_line_id": truth.cell_lines, "drug": [CONTROL, *seen]}))
+    assert find_ground_truth(mds) == tmp_path / "tahoe" / "ground_truth"  # held-out drugs need no label
+
+    # a molecule model is asked for the held-out drug by its SMILES and for the held-out dose by its value; a
+    # label model cannot be asked for a drug it has no label for
+    labels = LabelVocab({"drug": [CONTROL, *seen], "dose": ["0", "0.05", "5"]})
+    molecule = CellCollator(
+        8,
+        BinningConfig(num_bins=K),
+        labels,
+        [ConditionConfig("smiles", kind="molecule", column="canonical_smiles"), ConditionConfig("dose", kind="scalar")],
+    )
+    cond = treatment_cond(molecule, np.zeros((2, 2051), np.float32), unseen, "0.5", truth)
+    assert cond[:, 0].tolist() == [VALUE, VALUE] and cond[0, 1:2049].sum() > 10
+    np.testing.assert_allclose(cond[:, -2:], [[VALUE, np.log10(0.5)]] * 2, rtol=1e-6)
+    assert treatment_cond(molecule, cond, CONTROL, "0", truth)[0, -2] == ZERO
+    label = CellCollator(8, BinningConfig(num_bins=K), labels, ["drug", "dose"])
+    assert treatment_cond(label, np.zeros((2, 2), np.int64), unseen, "5", truth) is None
+    assert treatment_cond(label, np.zeros((2, 2), np.int64), seen[0], "0.5", truth) is None  # no label for 0.5
+    assert treatment_cond(label, np.zeros((2, 2), np.int64), seen[1], "5", truth).tolist() == [[3, 3]] * 2
+
+    # baselines: a model whose delta is the true effect for seen drugs and the effect of another drug for the
+    # unseen one; nearest-drug and mean baselines are scored on the model's own seen-drug deltas
+    line, genes, counts = truth.cell_lines[0], truth.gene_ids, np.full(40, 10)
+    effect = {d: truth.effect[0, truth.drugs.index(d), truth.doses.index("5")] for d in truth.drugs}
+    deltas = {f"{line}|{d}|5": (genes, effect[d], counts) for d in seen}
+    deltas[f"{line}|{unseen}|5"] = (genes, effect[seen[2]], counts)
+    scores = {k: _score(truth, *v, effect[k.split("|")[1]], 3) for k, v in deltas.items()}
+    out = _by_split(scores, deltas, truth, 3)
+    assert out["by_split"]["seen"] == {"mean_delta_pearson": 1.0, "num_groups": 3}
+    base = out["baselines"]
+    nearest = base["nearest_seen_drug_of"][unseen]
+    assert base["unseen_drug_groups"] == 1 and nearest in seen
+    pearson = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
+    assert base["model_mean_delta_pearson"] == pytest.approx(pearson(effect[seen[2]], effect[unseen]))
+    assert base["nearest_seen_drug_mean_delta_pearson"] == pytest.approx(pearson(effect[nearest], effect[unseen]))
+    mean = np.mean([effect[d] for d in seen], axis=0)
+    assert base["mean_seen_drugs_mean_delta_pearson"] == pytest.approx(pearson(mean, effect[unseen]))

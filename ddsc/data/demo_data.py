@@ -178,7 +178,9 @@ def make_ground_truth(spec: DemoSpec, rng: np.random.Generator) -> GroundTruth:
     shared = library.sum(axis=0) >= SHARED_BIT_COMPOUNDS  # the same bits whatever the spec's number of drugs
     # shared bits, scaled to unit norm and centred on the library's mean (bits most compounds have, such as an
     # aromatic carbon, would otherwise push every drug towards the same programs)
-    features, centre = (x * shared / np.sqrt(np.maximum((x * shared).sum(1, keepdims=True), 1)) for x in (fingerprints, library))
+    features, centre = (
+        x * shared / np.sqrt(np.maximum((x * shared).sum(1, keepdims=True), 1)) for x in (fingerprints, library)
+    )
     features = features - centre.mean(axis=0)
     projection = rng.normal(0.0, 1.0, (len(shared), spec.programs + 1 + spec.cell_lines))
     score = features @ projection  # [D, programs + ec50 + cell lines], about N(0, 1) per drug

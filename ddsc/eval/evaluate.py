@@ -426,6 +426,16 @@ def run(args: argparse.Namespace) -> int:
             f"of sampled cells {sampled['mean_delta_pearson']:.3f}; real held-out cells "
             f"{reference['mean_delta_pearson']:.3f} (dose {top}: {reference['by_dose'].get(top, float('nan')):.3f})"
         )
+        splits = expected.get("by_split", {})
+        if len(splits) > 1:
+            print("  by split: " + ", ".join(f"{k} {v['mean_delta_pearson']:.3f}" for k, v in splits.items()))
+        if expected.get("baselines"):
+            base = expected["baselines"]
+            print(
+                f"  unseen drugs: model {base['model_mean_delta_pearson']:.3f}, nearest seen drug "
+                f"{base['nearest_seen_drug_mean_delta_pearson']:.3f}, mean of seen drugs "
+                f"{base['mean_seen_drugs_mean_delta_pearson']:.3f}"
+            )
     print(f"report: {files[-2]} ({len(files)} files in {args.out})")
     inputs.mark_done(args.out)
     return 0

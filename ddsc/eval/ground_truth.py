@@ -24,6 +24,15 @@ units: Pearson ignores the scale, and with per-cell quantile bins a gene's bin r
 perfect model scores high but not 1 (bins are coarse ranks: lowly expressed genes barely move, and renormalising
 a cell shifts every other gene a little).
 
+Unseen drugs and doses. A model with a ``molecule`` condition is asked for every drug of the ground truth by
+its SMILES (``conditions.json``), a ``scalar`` dose for every dose, including the drugs and the dose the demo
+kept out of the data (``make_demo_data.py --held-out-drugs``); a label model only for the labels it has. The
+groups are then also summarised by ``split``: ``seen`` (drug and dose in the data), ``unseen_drug``,
+``unseen_dose`` and ``unseen_drug_and_dose``, and each unseen drug is compared with two baselines built from the
+model's own deltas for the drugs it saw, in the same units and on the same panels: ``nearest_seen_drug`` (the
+seen drug most similar by Tanimoto on Morgan fingerprints, radius 2, 2,048 bits) and ``mean_seen_drugs`` (the
+mean over the seen drugs), at the same cell line and dose. A model that learnt chemistry beats both.
+
 Reference: the same statistic on the real held-out cells: mean bin of g over the real treated cells of the
 group that express it minus the same over the cell line's real controls. Its value shows how far finite,
 noisy real data get in these units; the model can exceed it (it pools all training cells).
@@ -31,6 +40,7 @@ noisy real data get in these units; the model can exceed it (it pools all traini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddsc.data.chemistry import morgan_fingerprint, tanimoto
 from ddsc.data.collator import CellCollator
 from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.samplers import guided_log_probs
@@ -48,6 +59,7 @@ from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_bat
 from ddsc.eval.generation import generate_bins
 from ddsc.eval.metrics import pearson
 from ddsc.eval.settings import SamplerSettings
+from ddsc.model.conditions import column_slices, encode_values
 
 EFFECTS_FILE = "effects.npz"
 AXES_FILE = "conditions.json"
@@ -63,6 +75,9 @@ class DrugEffects:
     doses: list[str]
     gene_ids: np.ndarray  # int64 [G] token ids
     source: str
+    smiles: dict[str, str] = dataclasses.field(default_factory=dict)  # drug -> SMILES (older demos: none)
+    held_out_drugs: list[str] = dataclasses.field(default_factory=list)  # drugs without cells in the data
+    held_out_doses: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> DrugEffects:
@@ -73,12 +88,30 @@ class DrugEffects:
                 raise FileNotFoundError(f"{folder}: not a ground-truth folder (no {name}; see ddsc/data/demo_data.py)")
         with np.load(folder / EFFECTS_FILE, allow_pickle=False) as arrays:
             effect, gene_ids = arrays["effect"].astype(np.float64), arrays["gene_token_ids"].astype(np.int64)
-        axes = json.loads((folder / AXES_FILE).read_text())["axes"]
-        truth = cls(effect, list(axes["cell_line_id"]), list(axes["drug"]), list(axes["dose"]), gene_ids, str(folder))
+        described = json.loads((folder / AXES_FILE).read_text())
+        axes, held_out = described["axes"], described.get("held_out", {})
+        truth = cls(
+            effect,
+            list(axes["cell_line_id"]),
+            list(axes["drug"]),
+            list(axes["dose"]),
+            gene_ids,
+            str(folder),
+            dict(described.get("smiles", {})),
+            list(held_out.get("drugs", [])),
+            list(held_out.get("doses", [])),
+        )
         expected = (len(truth.cell_lines), len(truth.drugs), len(truth.doses), len(gene_ids))
         if effect.shape != expected:
             raise ValueError(f"{folder / EFFECTS_FILE}: effect has shape {effect.shape}, axes say {expected}")
         return truth
+
+    def split(self, drug: str, dose: str) -> str:
+        """``seen``, ``unseen_drug``, ``unseen_dose`` or ``unseen_drug_and_dose`` (for the data's cells)."""
+        unseen = [
+            what for what, out in (("drug", drug in self.held_out_drugs), ("dose", dose in self.held_out_doses)) if out
+        ]
+        return "unseen_" + "_and_".join(unseen) if unseen else "seen"
 
     def gene_columns(self, gene_ids: np.ndarray) -> np.ndarray:
         """Column of each token id in ``effect`` (-1 for genes the ground truth does not cover)."""
@@ -90,15 +123,17 @@ class DrugEffects:
 def find_ground_truth(data: Path) -> Path | None:
     """The demo's ground truth for MDS folder ``data``: ``data/ground_truth`` or, in the demo layout
     (``DIR/tahoe`` converted to ``DIR/mds``), ``data/../tahoe/ground_truth``; used only when its cell lines and
-    drugs are all labels of the dataset (a stale folder from another demo must not be picked up)."""
+    drugs (but those it held out) are all labels of the dataset (a stale folder from another demo must not be
+    picked up)."""
     labels_file = data / "labels.json"
     if not labels_file.is_file():
         return None
     labels = json.loads(labels_file.read_text())
     for folder in (data / "ground_truth", data.parent / "tahoe" / "ground_truth"):
         if (folder / EFFECTS_FILE).is_file() and (folder / AXES_FILE).is_file():
-            axes = json.loads((folder / AXES_FILE).read_text())["axes"]
-            if all(set(axes[c]) <= set(labels.get(c, [])) for c in ("cell_line_id", "drug")):
+            described = json.loads((folder / AXES_FILE).read_text())
+            axes, held_out = described["axes"], set(described.get("held_out", {}).get("drugs", []))
+            if all(set(axes[c]) - held_out <= set(labels.get(c, [])) for c in ("cell_line_id", "drug")):
                 return folder
     return None
 
@@ -157,14 +192,25 @@ def _real_delta(cells: EvalCells, treated: Sequence[int], controls: Sequence[int
     return genes, mean_t[it] - mean_c[ic], np.minimum(count_t[it], count_c[ic])
 
 
-def _treatments(truth: DrugEffects, labels, control: str, by_dose: bool) -> tuple[list[tuple[str, str]], int]:
-    """(drug, dose) pairs of the ground truth that the model has labels for ("" dose: model without dose),
-    and how many were skipped for an unknown label."""
-    wanted = [(d, c) for d in truth.drugs if d != control for c in (truth.doses if by_dose else [""])]
-    known = [
-        (d, c) for d, c in wanted if labels.encode("drug", [d])[0] > 0 and (not c or labels.encode("dose", [c])[0] > 0)
-    ]
-    return known, len(wanted) - len(known)
+def treatment_cond(collator: CellCollator, cond: np.ndarray, drug: str, dose: str, truth: DrugEffects):
+    """``cond`` with the model's drug and dose conditions set to (``drug``, ``dose``; "" = no dose condition),
+    or None when the model cannot be asked for it: a label it does not have, a drug without a SMILES."""
+    out = cond.copy()
+    for spec, where in zip(collator.specs, column_slices(collator.specs), strict=True):
+        value = {"drug": drug, "dose": dose}.get(spec.source)
+        if spec.kind == "molecule":
+            value = truth.smiles.get(drug)
+        if value is None:
+            continue
+        encoded = encode_values(spec, [value], collator.labels.encode if collator.labels else None)
+        if not value or (spec.kind == "label" and encoded[0, 0] == 0):
+            return None
+        out[:, where] = encoded
+    return out
+
+
+def _has_drug_condition(collator: CellCollator) -> bool:
+    return any(s.kind == "molecule" or (s.kind == "label" and s.source == "drug") for s in collator.specs)
 
 
 def expected_bins(
@@ -236,10 +282,9 @@ def ground_truth_eval(
     ``expected`` scores the model's conditional mean bins (:func:`expected_bins`) on the panels of up to
     ``max_control_cells`` control cells per cell line; ``generated`` scores sampled cells on the panels of the
     first ``sampled_control_cells`` of them (0 skips it); ``reference`` scores the real held-out cells."""
-    conditions = list(collator.conditions)
-    if "drug" not in conditions or collator.labels is None:
+    if not _has_drug_condition(collator):
         return None
-    labels, tokens = collator.labels, ExpressionTokens(collator.binning.num_bins)
+    tokens = ExpressionTokens(collator.binning.num_bins)
     samples = [s for s in samples if str(s.get("cell_line_id", "")) in set(truth.cell_lines)]
     if not samples:
         return None
@@ -258,17 +303,18 @@ def ground_truth_eval(
     panel_line = np.asarray(panels.metadata["cell_line_id"])
     first = {whole.cell_ids[i] for rows in chosen.values() for i in rows[:sampled_control_cells]}
     sampled_panels = [j for j, name in enumerate(panels.cell_ids) if name.rsplit("#", 1)[0] in first]
-    by_dose = "dose" in conditions
-    treatments, skipped = _treatments(truth, labels, control, by_dose)
+    by_dose = any(s.source == "dose" for s in collator.specs)
+    wanted = [(d, c) for d in truth.drugs if d != control for c in (truth.doses if by_dose else [""])]
+    conds = {(d, c): treatment_cond(collator, panels.cond, d, c, truth) for d, c in wanted}
+    treatments = [t for t in wanted if conds[t] is not None]
+    skipped = len(wanted) - len(treatments)
     common = dict(device=device, diffusion_cfg=diffusion_cfg)
     expected_control = expected_bins(model, panels, panels.cond, tokens, settings, device)
     sampled_control = generate_bins(model, panels, sampled_panels, tokens, settings, **common)
     expected, sampled, real = _Groups.empty(), _Groups.empty(), _Groups.empty()
+    deltas: dict[str, tuple] = {}  # key -> (genes, expected delta, counts): the baselines' inputs
     for d, c in tqdm(treatments, desc="known drug effects", unit="treatment"):
-        cond = panels.cond.copy()
-        cond[:, conditions.index("drug")] = labels.encode("drug", [d])[0]
-        if by_dose:
-            cond[:, conditions.index("dose")] = labels.encode("dose", [c])[0]
+        cond = conds[(d, c)]
         mean_diff = [
             a - b
             for a, b in zip(expected_bins(model, panels, cond, tokens, settings, device), expected_control, strict=True)
@@ -282,7 +328,8 @@ def ground_truth_eval(
             effect = truth.effect[li, truth.drugs.index(d)]
             effect = effect[truth.doses.index(c)] if by_dose else effect.mean(axis=0)
             key = f"{ln}|{d}|{c}"
-            expected.add(key, truth, *mean_bin_per_gene(panels, rows, mean_diff), effect, min_obs)
+            deltas[key] = mean_bin_per_gene(panels, rows, mean_diff)
+            expected.add(key, truth, *deltas[key], effect, min_obs)
             drawn_rows = [k for k, j in enumerate(sampled_panels) if panel_line[j] == ln]
             if drawn_rows:
                 sampled.add(key, truth, *mean_bin_per_gene(sampled_control, drawn_rows, draw_diff), effect, min_obs)
@@ -292,7 +339,7 @@ def ground_truth_eval(
                 real.add(key, truth, *_real_delta(whole, group, in_line), effect, min_obs)
     metrics = {
         "source": truth.source,
-        "expected": _summarise(expected.scores),
+        "expected": {**_summarise(expected.scores), **_by_split(expected.scores, deltas, truth, min_obs)},
         "generated": _summarise(sampled.scores),
         "reference": _summarise(real.scores),
         "control_cells": len(controls),
@@ -305,6 +352,50 @@ def ground_truth_eval(
         "steps": settings.steps,
     }
     return metrics, _concat(expected.true), _concat(expected.estimated)
+
+
+def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffects, min_obs: int) -> dict:
+    """Mean delta Pearson per split (seen / unseen drug / unseen dose), and for the unseen drugs the same figure
+    for the two baselines: the model's delta for the nearest seen drug (Tanimoto) and its mean over seen drugs."""
+    keys = {k: k.split("|") for k in scores}
+    split = {k: truth.split(d, c) for k, (_, d, c) in keys.items()}
+    out: dict = {"by_split": {}, "baselines": {}}
+    for name in sorted(set(split.values())):
+        values = [scores[k]["delta_pearson"] for k in scores if split[k] == name]
+        out["by_split"][name] = {"mean_delta_pearson": _nanmean(values), "num_groups": len(values)}
+    seen = sorted({d for k, (_, d, _) in keys.items() if d not in truth.held_out_drugs})
+    unseen = sorted({d for _, d, _ in keys.values() if d in truth.held_out_drugs})
+    if not (seen and unseen and all(d in truth.smiles for d in seen + unseen)):
+        return out
+    fingerprints = {d: morgan_fingerprint(truth.smiles[d]) for d in seen + unseen}
+    nearest = {
+        d: seen[int(np.argmax(tanimoto(fingerprints[d], np.stack([fingerprints[s] for s in seen]))[0]))] for d in unseen
+    }
+    baseline: dict[str, list[float]] = {"model": [], "nearest_seen_drug": [], "mean_seen_drugs": []}
+    for key, (ln, d, c) in keys.items():
+        if d not in nearest or any(f"{ln}|{s}|{c}" not in deltas for s in seen):
+            continue
+        genes, _, counts = deltas[key]
+        effect = truth.effect[truth.cell_lines.index(ln), truth.drugs.index(d)]
+        effect = effect[truth.doses.index(c)] if c else effect.mean(axis=0)
+        guesses = {
+            "nearest_seen_drug": deltas[f"{ln}|{nearest[d]}|{c}"][1],
+            "mean_seen_drugs": np.mean([deltas[f"{ln}|{s}|{c}"][1] for s in seen], axis=0),
+        }
+        baseline["model"].append(scores[key]["delta_pearson"])
+        for name, guess in guesses.items():
+            baseline[name].append(_score(truth, genes, guess, counts, effect, min_obs)["delta_pearson"])
+    out["baselines"] = {
+        "unseen_drug_groups": len(baseline["model"]),
+        "nearest_seen_drug_of": nearest,
+        **{f"{name}_mean_delta_pearson": _nanmean(v) for name, v in baseline.items()},
+    }
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

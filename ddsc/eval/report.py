@@ -283,6 +283,26 @@ def _ground_truth_section(known: dict | None) -> list[str]:
         f"{_fmt(ref['by_dose'].get(d, float('nan')))} |"
         for d, v in exp["by_dose"].items()
     ]
+    return lines + _split_section(exp)
+
+
+def _split_section(exp: dict) -> list[str]:
+    """Expected-bin delta Pearson by seen / unseen drug / unseen dose, and the unseen drugs' baselines."""
+    if len(exp.get("by_split", {})) < 2 and not exp.get("baselines"):
+        return []
+    lines = ["", "| split (expected bins) | mean delta Pearson | groups |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(v['mean_delta_pearson'])} | {v['num_groups']} |" for k, v in exp["by_split"].items()]
+    base = exp.get("baselines")
+    if base:
+        lines += [
+            "",
+            f"Unseen drugs ({base['unseen_drug_groups']} groups) against the model's own deltas for seen drugs: "
+            f"model {_fmt(base['model_mean_delta_pearson'])}, nearest seen drug by Tanimoto "
+            f"{_fmt(base['nearest_seen_drug_mean_delta_pearson'])}, mean of seen drugs "
+            f"{_fmt(base['mean_seen_drugs_mean_delta_pearson'])} (nearest: "
+            + ", ".join(f"{d} -> {n}" for d, n in base["nearest_seen_drug_of"].items())
+            + ").",
+        ]
     return lines
 
 
