@@ -17,6 +17,10 @@ undefined. With ``log10`` a value of exactly 0 is therefore the state ``ZERO``, 
 own (distinct from null); positive values go through Fourier features of their log10 and an MLP; negative
 values are an error.
 
+Precision. A float ``cond`` is an input of the DiT, which FSDP2 mixed precision casts to bf16 on entry:
+states and fingerprint bits stay exact, a log10 dose is rounded to bf16's 3 significant digits (0.5 uM
+becomes 0.5003 uM). The encoders' outputs are float32, like every term of the conditioning vector.
+
 This file ships inside every Hugging Face export: it imports only the other shipped modules.
 """
 
