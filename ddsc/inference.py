@@ -110,6 +110,29 @@ def bin_values(counts: Tensor, observed: Tensor, cfg: BinningConfig, library_siz
     return torch.cat([zeros, values], dim=1)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a fixed hash of uint64 values (numpy's uint64 arithmetic wraps mod 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def gene_chunks(tokens: np.ndarray, max_length: int, seed: int) -> list[np.ndarray]:
+    """A cell's positions as ``ceil(n / max_length)`` chunks of near-equal size, together all of its genes.
+
+    The positions are ordered by a hash of (seed, the cell's set of genes, the gene) and cut along that order.
+    It depends on nothing else: not on the order the genes come in (AnnData's var order), not on the cell's row
+    or the other cells of its batch, so a cell gets the same model rows, hence the same embedding and
+    imputation, wherever it is; different cells are cut differently.
+    """
+    seed_key = _mix64(np.array([seed % 2**64], dtype=np.uint64))
+    genes = _mix64(np.asarray(tokens).astype(np.uint64) ^ seed_key)
+    cell_key = _mix64(genes.sum(dtype=np.uint64, keepdims=True))  # a sum: the same for any order of the genes
+    order = np.argsort(_mix64(genes ^ cell_key), kind="stable")
+    return np.array_split(order, max(1, math.ceil(len(order) / max_length)))
+
+
 @dataclass
 class CellEntries:
     """Cells as ragged positions (flat arrays, CSR-style ``offsets``): the entries the model sees per cell."""
@@ -278,13 +301,12 @@ class Predictor:
         return torch.from_numpy(ids).to(self.device)
 
     def _row_batches(self, cells: CellEntries, cond: Tensor, seed: int) -> Iterator[tuple[np.ndarray, RowBatch]]:
-        """Cell batches (their indices) and their model rows; long cells split into random chunks."""
-        rng = np.random.default_rng(seed)
+        """Cell batches (their indices) and their model rows; long cells split into chunks (``gene_chunks``)."""
         for start in range(0, cells.n_cells, self.batch_size):
             index = np.arange(start, min(start + self.batch_size, cells.n_cells))
-            yield index, self._rows(cells, index, cond[index], rng)
+            yield index, self._rows(cells, index, cond[index], seed)
 
-    def _rows(self, cells: CellEntries, index: np.ndarray, cond: Tensor, rng: np.random.Generator) -> RowBatch:
+    def _rows(self, cells: CellEntries, index: np.ndarray, cond: Tensor, seed: int) -> RowBatch:
         slices = [cells.cell(i) for i in index]
         gene_ids, counts, valid = pad_cells([cells.tokens[s] for s in slices], [cells.counts[s] for s in slices])
         hidden, _, _ = pad_cells([cells.hidden[s].astype(np.int64) for s in slices], [cells.counts[s] for s in slices])
@@ -294,11 +316,9 @@ class Predictor:
         expr = torch.where(observed, bins, torch.full_like(bins, self.tokens.mask))
         values = bin_values(counts, observed, self.binning, library)
 
-        chunks = []  # (cell in batch, positions within the cell)
-        for b, s in enumerate(slices):
-            n = s.stop - s.start
-            parts = max(1, math.ceil(n / self.max_length))
-            chunks += [(b, part) for part in np.array_split(rng.permutation(n) if parts > 1 else np.arange(n), parts)]
+        chunks = [  # (cell in batch, positions within the cell)
+            (b, part) for b, s in enumerate(slices) for part in gene_chunks(cells.tokens[s], self.max_length, seed)
+        ]
         width = 1 + max(len(p) for _, p in chunks)
         position = torch.full((len(chunks), width), -1, dtype=torch.long)
         for r, (_, part) in enumerate(chunks):
@@ -444,11 +464,21 @@ class Predictor:
 
     # ---------------------------------------------------------------- embed
     def embed(self, adata, layer: str | None = None, seed: int = 0):
-        """Cell embeddings of the clean cell (null conditions): ``obsm["X_ddsc_cls"]`` and ``obsm["X_ddsc_mean"]``.
+        """Cell embeddings of the clean cells under null conditions. Output keys:
 
-        CLS: the ``<cls>`` position's final hidden state (averaged over a long cell's chunks); mean: the average
-        over all the cell's gene positions. A cell with no matched non-zero gene gets a CLS embedding of the
-        empty cell and a zero mean embedding (counted in ``uns["ddsc_embed"]["empty_cells"]``).
+        - ``obsm["X_ddsc_cls"]``: the cell embedding (``DiT.embeddings``): the ``<cls>`` position's residual
+          stream after the last block, layer-normed. A model trained with ``model.cell_decoder`` (and
+          ``diffusion.cell_loss_weight`` > 0) learns it as the summary its masked genes are predicted from. In a
+          model without the decoder nothing trains this state (under SUBS no loss reaches the final ``<cls>``
+          state): ``uns["ddsc_embed"]["cell_decoder"]`` says which kind of model made it.
+        - ``obsm["X_ddsc_mean"]``: the final hidden states (the output head's input) averaged over the cell's gene
+          positions. They are trained only where a gene is masked, so on a clean cell they carry little cell
+          state (see the README's embedding table); kept as the reference.
+
+        Every gene a cell has in the model's vocabulary is used: a cell longer than the model's ``max_genes`` is
+        cut into chunks (``gene_chunks``, a deterministic function of ``seed`` and the cell's genes) whose
+        embeddings are averaged, every chunk seeing the bins of the whole cell. A cell with no matched non-zero
+        gene gets the embedding of the empty cell and a zero mean embedding (``uns["ddsc_embed"]["empty_cells"]``).
         """
         cells = self.entries(adata, layer=layer)
         width = self.config.d_model
@@ -460,16 +490,21 @@ class Predictor:
         with self._bar(cells.n_cells, "embed") as bar, torch.no_grad(), self._autocast():
             for index, rows in self._row_batches(cells, cond, seed):
                 b = rows.batch
-                h = self.model.hidden(b["gene_ids"], b["expr"], b["attention_mask"], b["cond"]).double().cpu()
+                cell, h = self.model.dit.embeddings(b["gene_ids"], b["expr"], b["attention_mask"], b["cond"])
                 target = torch.from_numpy(index)[rows.cell]
-                cls.index_add_(0, target, h[:, 0])
+                cls.index_add_(0, target, cell.double().cpu())
                 chunks.index_add_(0, target, torch.ones(len(target), dtype=torch.float64))
-                total.index_add_(0, target, (h * b["real"].cpu()[..., None]).sum(dim=1))
+                total.index_add_(0, target, (h.double().cpu() * b["real"].cpu()[..., None]).sum(dim=1))
                 bar.update(len(index))
         out = adata.copy()
         out.obsm["X_ddsc_cls"] = (cls / chunks[:, None]).float().numpy()
         out.obsm["X_ddsc_mean"] = (total / positions.clamp(min=1)[:, None]).float().numpy()
-        out.uns["ddsc_embed"] = {"empty_cells": int((positions == 0).sum()), **self._gene_report(adata)}
+        out.uns["ddsc_embed"] = {
+            "empty_cells": int((positions == 0).sum()),
+            "cell_decoder": bool(self.config.cell_decoder),
+            "seed": seed,
+            **self._gene_report(adata),
+        }
         return out
 
     # ---------------------------------------------------------------- generate

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -385,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
         settings.ground_truth = None if found is None else str(found)
     start = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, device=settings.device)
-    diffusion = MaskedDiffusion(predictor.diffusion, predictor.config.num_bins)
+    # the denoiser alone is scored: an auxiliary cell loss is a training objective, not part of the NELBO
+    diffusion = MaskedDiffusion(replace(predictor.diffusion, cell_loss_weight=0.0), predictor.config.num_bins)
     train, evaluation, source = load_data(
         args.data,
         predictor,
