@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 install: $(STAMP)
 
 # The main job on the bundled demo data: Tahoe-format demo data -> MDS -> train -> HF export -> evaluate.
-# Each step is resumable (the converter skips finished inputs, training autoresumes from its checkpoints).
+# Each step resumes where a killed run stopped and, once finished, is skipped on a re-run (README, Reliability).
 demo: $(STAMP)
 	$(BIN)/python data_prep/make_demo_data.py --out $(DEMO_DIR)/tahoe --cells 4000
 	$(BIN)/python data_prep/tahoe_to_mds.py --input $(DEMO_DIR)/tahoe/data \

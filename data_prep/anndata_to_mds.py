@@ -12,11 +12,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ddsc.data.anndata_source import AnnDataSource, convert_anndata
-from ddsc.data.mds_args import add_write_arguments, exit_on_input_error, write_options
+from ddsc.data.mds_args import add_write_arguments, write_options
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.vocab import GeneVocab
+from ddsc.errors import run_reporting_errors
 
 
 def main() -> None:
@@ -46,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_on_input_error(main)
+    sys.exit(run_reporting_errors(main))

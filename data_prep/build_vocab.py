@@ -9,10 +9,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ddsc.data.mds_args import exit_on_input_error
 from ddsc.data.readers import open_counts
 from ddsc.data.vocab import GeneVocab
+from ddsc.errors import run_reporting_errors
 
 
 def main() -> None:
@@ -32,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_on_input_error(main)
+    sys.exit(run_reporting_errors(main))

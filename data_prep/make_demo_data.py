@@ -1,13 +1,17 @@
 """Write a synthetic dataset in the exact Tahoe-100M layout, with saved ground-truth drug effects.
 
+Re-run with the same settings on a complete output, it does nothing (a done marker records the settings).
+
 Example: python data_prep/make_demo_data.py --out demo_run/tahoe --cells 4000
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ddsc.data.demo_data import DemoSpec, make_demo_data
+from ddsc.data.demo_data import DemoSpec, make_demo_data_once
+from ddsc.errors import run_reporting_errors
 
 
 def main() -> None:
@@ -35,12 +39,13 @@ def main() -> None:
         mean_library=args.mean_library,
         seed=args.seed,
     )
-    make_demo_data(args.out, spec)
+    wrote = make_demo_data_once(args.out, spec)
     print(
-        f"wrote {spec.cells} cells x {spec.genes} genes ({spec.cell_lines} cell lines, {spec.drugs} drugs + DMSO_TF, "
-        f"{len(spec.doses)} doses, {spec.shards} shards) to {args.out}"
+        f"{'wrote' if wrote else 'already complete, nothing to do:'} {spec.cells} cells x {spec.genes} genes "
+        f"({spec.cell_lines} cell lines, {spec.drugs} drugs + DMSO_TF, {len(spec.doses)} doses, {spec.shards} shards) "
+        f"in {args.out}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main))

@@ -12,9 +12,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ddsc.data.mds_args import add_write_arguments, exit_on_input_error, write_options
+from ddsc.data.mds_args import add_write_arguments, write_options
 from ddsc.data.tahoe import convert_tahoe
+from ddsc.errors import run_reporting_errors
 
 
 def main() -> None:
@@ -29,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_on_input_error(main)
+    sys.exit(run_reporting_errors(main))

@@ -13,6 +13,7 @@ import sys
 # subcommand -> module with ``add_arguments(parser)`` and ``run(args)``; first docstring line is the help.
 COMMANDS: dict[str, str] = {
     "config": "ddsc.train.config_cli",
+    "check-data": "ddsc.commands.check_data",
     "export": "ddsc.commands.export",
     "impute": "ddsc.commands.impute",
     "generate": "ddsc.commands.generate",
@@ -35,14 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ddsc.config import ConfigError
+    """Run one subcommand; a problem with its input ends it with ``ddsc <command>: error: ...`` and status 2."""
+    from ddsc.errors import run_reporting_errors
 
-    try:
-        return int(args._run(args) or 0)
-    except ConfigError as err:
-        print(f"ddsc {args.command}: config error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args._run(args), prefix=f"ddsc {args.command}: error", status=2)
 
 
 if __name__ == "__main__":

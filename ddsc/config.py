@@ -23,12 +23,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ddsc.errors import InputError
+
 T = TypeVar("T")
 
 MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration problem; the message names the offending key."""
 
 
@@ -136,7 +138,13 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    tree = OmegaConf.load(path)
+    try:
+        tree = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # a syntax error: say where, as the YAML parser does, on one line
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
     base = tree.pop(BASE_KEY, None)
     if base is None:
         return tree

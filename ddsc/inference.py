@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,13 +38,15 @@ from ddsc.data.binning import nonzero_bins
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator, pad_cells
 from ddsc.data.labels import LabelVocab
+from ddsc.data.raw_counts import check_raw_counts, gene_names
 from ddsc.data.readers import _column
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.tokens import GENE_CLS, GENE_PAD
 from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.samplers import sample
-from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, check_labels
+from ddsc.errors import InputError
+from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
 from ddsc.precision import autocast
 
@@ -63,6 +66,12 @@ def check_model_folder(model_dir: str | Path) -> Path:
         raise FileNotFoundError(
             f"{folder}: not a complete DDSC model folder, missing {', '.join(missing)} (write one with `ddsc export`)"
         )
+    weights = folder / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt"):  # reads the header; checks that the file holds every tensor
+            pass
+    except SafetensorError as err:
+        raise InputError(f"{weights}: not a complete safetensors file ({err}); export the model again") from None
     return folder
 
 
@@ -221,22 +230,26 @@ class Predictor:
             )
         return mapping
 
-    def _matrix(self, adata, layer: str | None) -> sp.csr_matrix:
-        x = adata.X if layer is None else adata.layers[layer]
-        x = sp.csr_matrix(x, dtype=np.float32)
-        bad = ~np.isfinite(x.data) | (x.data < 0)
+    def counts(self, adata, layer: str | None = None, round_counts: bool = False) -> sp.csr_matrix:
+        """The cells' raw counts (``X`` or ``layer``), float32 CSR. Raw integer counts are required, by the rule
+        data_prep applies (``ddsc.data.raw_counts``): normalised values are refused unless ``round_counts``."""
+        where = layer or "X"
+        x = sp.csr_matrix(adata.X if layer is None else adata.layers[layer])
+        genes = gene_names(*var_features(adata.var))
+        data = check_raw_counts(x.data, x.indptr, x.indices, adata.obs_names, genes, where, round_counts)
+        x = sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape, dtype=np.float32)
+        bad = ~np.isfinite(x.data) | (x.data < 0)  # what integer storage or rounding lets through
         if bad.any():
             row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
             raise ValueError(
-                f"{layer or 'X'}: cell {adata.obs_names[row]!r} (row {row}) has a negative or NaN "
-                "value; the model needs raw counts"
+                f"{where}: cell {adata.obs_names[row]!r} (row {row}) has a negative or NaN value; the model needs raw "
+                "counts"
             )
         return x
 
-    def entries(self, adata, hide: sp.csr_matrix | None = None, layer: str | None = None) -> CellEntries:
-        """Per cell: its non-zero matched entries plus the ``hide`` entries (matched genes only)."""
+    def entries(self, adata, x: sp.csr_matrix, hide: sp.csr_matrix | None = None) -> CellEntries:
+        """Per cell: its non-zero matched entries of the counts ``x`` plus the ``hide`` entries (matched genes)."""
         mapping = self.map_genes(adata)
-        x = self._matrix(adata, layer)
         known = mapping.tokens >= 0
         keep = x.copy()
         keep.data = np.ones_like(keep.data)
@@ -256,10 +269,12 @@ class Predictor:
             hidden,
         )
 
-    def samples_from_anndata(self, adata, layer: str | None = None) -> tuple[list[dict], int]:
+    def samples_from_anndata(
+        self, adata, layer: str | None = None, round_counts: bool = False
+    ) -> tuple[list[dict], int]:
         """MDS-style samples (cell_id = obs name, genes, counts, and as strings the obs columns that are model
         conditions or MDS metadata columns) and the number of matched genes."""
-        cells = self.entries(adata, layer=layer)
+        cells = self.entries(adata, self.counts(adata, layer, round_counts))
         obs = adata.obs
         columns = [col for col in dict.fromkeys([*self.conditions, *METADATA_COLUMNS]) if col in obs]
         samples = []
@@ -361,6 +376,7 @@ class Predictor:
         mask=None,
         genes: Sequence[str] | None = None,
         layer: str | None = None,
+        round_counts: bool = False,
         method: ImputeMethod = "argmax",
         steps: int = 16,
         temperature: float = 1.0,
@@ -377,8 +393,9 @@ class Predictor:
         (cells x genes, boolean, dense or sparse) and/or by ``genes`` (var names: hidden in every cell, zero or
         not). ``method``: ``argmax`` (one forward pass) or a sampler run for ``steps`` with observed entries fixed.
         """
-        hide = self._hide_matrix(adata, mask_fraction, mask, genes, layer, seed)
-        cells = self.entries(adata, hide=hide, layer=layer)
+        x = self.counts(adata, layer, round_counts)
+        hide = self._hide_matrix(adata, x, mask_fraction, mask, genes, seed)
+        cells = self.entries(adata, x, hide)
         cells.counts[cells.hidden] = 0.0
         predicted = np.full(len(cells.tokens), -1, dtype=np.int64)
         expected = cells.counts.astype(np.float64)
@@ -427,13 +444,13 @@ class Predictor:
         }
         return out
 
-    def _hide_matrix(self, adata, mask_fraction, mask, genes, layer, seed) -> sp.csr_matrix:
+    def _hide_matrix(self, adata, x: sp.csr_matrix, mask_fraction, mask, genes, seed) -> sp.csr_matrix:
         shape = (adata.n_obs, adata.n_vars)
         hide = sp.csr_matrix(shape, dtype=bool)
         if mask_fraction is not None:
             if not 0.0 < mask_fraction < 1.0:
                 raise ValueError(f"mask_fraction must be in (0, 1), got {mask_fraction}")
-            x = self._matrix(adata, layer)
+            x = x.copy()
             x.eliminate_zeros()
             chosen = x.copy()
             chosen.data = np.random.default_rng(seed).random(x.nnz) < mask_fraction
@@ -463,7 +480,7 @@ class Predictor:
         }
 
     # ---------------------------------------------------------------- embed
-    def embed(self, adata, layer: str | None = None, seed: int = 0):
+    def embed(self, adata, layer: str | None = None, seed: int = 0, round_counts: bool = False):
         """Cell embeddings of the clean cells under null conditions. Output keys:
 
         - ``obsm["X_ddsc_cls"]``: the cell embedding (``DiT.embeddings``): the ``<cls>`` position's residual
@@ -480,7 +497,7 @@ class Predictor:
         embeddings are averaged, every chunk seeing the bins of the whole cell. A cell with no matched non-zero
         gene gets the embedding of the empty cell and a zero mean embedding (``uns["ddsc_embed"]["empty_cells"]``).
         """
-        cells = self.entries(adata, layer=layer)
+        cells = self.entries(adata, self.counts(adata, layer, round_counts))
         width = self.config.d_model
         cls = torch.zeros(cells.n_cells, width, dtype=torch.float64)
         total = torch.zeros(cells.n_cells, width, dtype=torch.float64)

@@ -9,9 +9,9 @@ import numpy as np
 from streaming import StreamingDataset
 
 
-def read_split(split_dir: Path) -> dict[str, dict]:
+def read_split(split_dir: Path, **dataset_options) -> dict[str, dict]:
     """Every sample of a split folder, keyed by cell_id (StreamingDataset, no shuffling, local only)."""
-    ds = StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
+    ds = StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1, **dataset_options)
     try:
         samples = [ds[i] for i in range(len(ds))]
     finally:

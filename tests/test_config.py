@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,20 @@ def test_cli_reports_typo_with_exit_code_2(capsys):
     assert "n_layer" in err and "did you mean 'n_layers'" in err
     assert main(["config", str(PROD), "model.n_layers=3"]) == 0
     assert "n_layers: 3" in capsys.readouterr().out
+
+
+def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: [1, 2\n")
+    message = f"{bad}: line 3, column 1: YAML syntax error: did not find expected ',' or ']'"
+    assert main(["config", str(bad)]) == 2
+    assert capsys.readouterr().err == f"ddsc config: error: {message}\n"
+    env = {k: v for k, v in os.environ.items() if k != "DDSC_DEBUG"}
+    launch = [sys.executable, str(ROOT / "launch" / "train.py"), str(bad)]
+    done = subprocess.run(launch, capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
+    debug = subprocess.run(launch, capture_output=True, text=True, env={**env, "DDSC_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # the traceback, on request
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "yamls").glob("*.yaml")), ids=lambda p: p.name)

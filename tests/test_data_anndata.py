@@ -15,8 +15,9 @@ import scipy.io
 import scipy.sparse as sp
 from data_prep_helpers import read_all
 
-from ddsc.data.anndata_source import AnnDataSource, NotRawCountsError, convert_anndata, map_features
+from ddsc.data.anndata_source import AnnDataSource, convert_anndata, map_features
 from ddsc.data.mds_convert import ConversionError, WriteOptions
+from ddsc.data.raw_counts import NotRawCountsError
 from ddsc.data.splits import SplitSpec
 from ddsc.data.vocab import GeneVocab
 

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from ddsc.data.demo_data import CONTROL, DemoSpec, make_demo_data
+from ddsc.data.demo_data import CONTROL, DemoSpec, make_demo_data, make_demo_data_once
 from ddsc.data.tahoe import REQUIRED_COLUMNS
+from ddsc.done import MARKER
 
 SPEC = DemoSpec(
     cells=3000,
@@ -81,3 +82,15 @@ def test_layout_and_ground_truth(tmp_path):
     )
     moved = np.abs(effect[line, drug, dose]) > 0.5
     assert np.corrcoef(observed_lfc[moved], effect[line, drug, dose][moved])[0, 1] > 0.7
+
+
+def test_a_finished_demo_dataset_is_not_written_again(tmp_path):
+    small = DemoSpec(cells=300, genes=100, shards=2, seed=2)
+    assert make_demo_data_once(tmp_path, small)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert not make_demo_data_once(tmp_path, small)  # complete: nothing written
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    (tmp_path / MARKER).unlink()  # as after a run killed before its end: written again
+    assert make_demo_data_once(tmp_path, small)
+    assert make_demo_data_once(tmp_path, DemoSpec(cells=200, genes=100, shards=2, seed=2))  # other settings
+    assert pq.read_table(sorted((tmp_path / "data").glob("*.parquet"))).num_rows == 200

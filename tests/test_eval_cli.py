@@ -6,6 +6,7 @@ model and the raw cells (bins by hand-independent collation, the marginal baseli
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -216,3 +217,29 @@ def test_evaluate_names_a_missing_label_column(exported, tmp_path, capsys):
     argv = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path), "--embed-labels", "tissue"]
     assert cli.main([*argv, "--nelbo-points", "0", "--generate-cells", "0", "--mask-rates", "0.5"]) == 2
     assert "no column 'tissue'" in capsys.readouterr().err
+
+
+def test_reruns_of_finished_steps_do_nothing_until_an_input_changes(exported, tmp_path, capsys):
+    """``make demo`` re-runs every step: export and evaluate detect their own completed output (done markers)."""
+    data, model = exported
+    checkpoint = model.parent / "run" / "latest-rank0.pt"
+    mtimes = lambda folder: {p: p.stat().st_mtime_ns for p in folder.rglob("*")}  # noqa: E731
+    before = mtimes(model)
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
+    assert capsys.readouterr().out == f"{model} is up to date with its composer checkpoint; nothing to do\n"
+    assert mtimes(model) == before
+
+    args = ["--split", "valid", "--nelbo-points", "0", "--generate-cells", "0"]
+    evaluate_cli(model, data, tmp_path / "report", *args)
+    report = mtimes(tmp_path / "report")
+    capsys.readouterr()
+    evaluate_cli(model, data, tmp_path / "report", *args)
+    assert capsys.readouterr().out.endswith("is up to date with its model, data and settings; nothing to do\n")
+    assert mtimes(tmp_path / "report") == report
+    evaluate_cli(model, data, tmp_path / "report", *args, "--seed", "1")  # another setting: evaluated again
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["setup"]["seed"] == 1
+    capsys.readouterr()
+
+    os.utime(checkpoint.resolve())  # the checkpoint changed (say, training went on): exported again
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
+    assert capsys.readouterr().out.startswith("exported composer checkpoint")

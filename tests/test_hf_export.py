@@ -13,10 +13,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
+from ddsc.cli import main as cli_main
 from ddsc.config import from_dict
 from ddsc.data.collator import CellCollator
 from ddsc.data.labels import LabelVocab
@@ -350,3 +353,33 @@ def test_export_errors(composer_run, data, tmp_path):
     with pytest.raises(ValueError, match="do not match the run config"):
         export_checkpoint(checkpoint, tmp_path / "hf", config_path=tmp_path / "config.yaml")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_truncated_checkpoint_and_weights_are_reported_by_name(composer_run, data, tmp_path, capsys):
+    """A copy of the checkpoint cut short (a job killed while writing it): named as corrupt, not as a missing
+    config; a model.safetensors cut short: one line naming it from every command that loads the model."""
+    save, _, _ = composer_run
+    copy = tmp_path / "ep0-ba3-rank0.pt"
+    full = (save / "latest-rank0.pt").read_bytes()
+    copy.write_bytes(full[: len(full) // 2])
+    assert cli_main(["export", "--checkpoint", str(copy), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"ddsc export: error: {copy}: corrupt checkpoint: not a complete torch.save zip archive, truncated? "
+        "(File is not a zip file)\n"
+    )
+    assert not (tmp_path / "hf").exists()
+
+    export_checkpoint(save, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    anndata.AnnData(X=sp.csr_matrix(np.ones((2, 3), np.float32))).write_h5ad(tmp_path / "x.h5ad")
+    commands = {
+        "embed": ["--input", str(tmp_path / "x.h5ad"), "--output", str(tmp_path / "out.h5ad")],
+        "generate": ["--genes", "G1", "--output", str(tmp_path / "out.h5ad")],
+        "evaluate": ["--data", str(data), "--out", str(tmp_path / "report")],
+    }
+    for command, args in commands.items():
+        assert cli_main([command, "--model", str(tmp_path / "model"), *args]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"ddsc {command}: error: {weights}: not a complete safetensors file (Error while deserializing header"
+        )

@@ -10,10 +10,12 @@ import scipy.sparse as sp
 import torch
 
 from ddsc.cli import main
+from ddsc.data.anndata_source import AnnDataSource
 from ddsc.data.binning import bin_counts, quantile_bins_reference
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator
 from ddsc.data.labels import LabelVocab
+from ddsc.data.raw_counts import NotRawCountsError
 from ddsc.data.vocab import GeneVocab
 from ddsc.inference import Predictor, bin_values
 from ddsc.model.export import write_hf_folder
@@ -229,7 +231,7 @@ def test_clear_errors(model_dir, tmp_path):
     bad = make_adata()
     bad.X = bad.X.toarray()
     bad.X[4, 2] = -1
-    with pytest.raises(ValueError, match="cell 'c4' \\(row 4\\)"):
+    with pytest.raises(ValueError, match="X: cell 'c4', gene 'G2' has value -1: raw integer counts"):
         predictor.embed(bad)
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
@@ -287,3 +289,31 @@ def test_cli_impute_generate_embed(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddsc generate: error: gene panel: 1 of 1 genes") and "\n" not in err
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_normalised_counts_are_refused_as_data_prep_refuses_them(model_dir, tmp_path, capsys):
+    """impute / embed / evaluate apply data_prep's raw-count rule (the same function, the same message)."""
+    adata = make_adata()
+    adata.X = adata.X.log1p()
+    path = tmp_path / "normalised.h5ad"
+    adata.write_h5ad(path)
+    vocab = GeneVocab.from_json(f"{model_dir}/vocab.json")
+    with pytest.raises(NotRawCountsError) as data_prep:
+        list(AnnDataSource(vocab).batches(str(path)))
+    message = str(data_prep.value).removeprefix(f"{path}: ")
+    assert message.startswith("cell 'c0', gene 'G0' has value 1.79176: raw integer counts are required")
+    commands = {
+        "impute": ["--input", str(path), "--output", str(tmp_path / "i.h5ad"), "--mask-fraction", "0.2"],
+        "embed": ["--input", str(path), "--output", str(tmp_path / "e.h5ad")],
+        "evaluate": ["--data", str(path), "--out", str(tmp_path / "report")],
+    }
+    for command, args in commands.items():
+        assert main([command, "--model", model_dir, *args]) == 2
+        assert capsys.readouterr().err == f"ddsc {command}: error: X: {message}\n"
+    assert not (tmp_path / "i.h5ad").exists() and not (tmp_path / "report").exists()
+    common = ["--model", model_dir, *commands["impute"], "--round-counts"]
+    assert main(["impute", *common]) == 0  # rounding is an explicit choice
+    out = anndata.read_h5ad(tmp_path / "i.h5ad")
+    observed = ~out.layers["ddsc_mask"].toarray()[:, :40]  # the 40 vocabulary genes (the model sees only those)
+    expected = np.rint(adata.X.toarray()[:, :40])[observed]
+    assert np.array_equal(out.layers["ddsc_imputed"].toarray()[:, :40][observed], expected)

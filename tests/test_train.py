@@ -1,10 +1,12 @@
-"""Single-process training on MDS: metrics, checkpoints, resolved config, and kill -9 + autoresume."""
+"""Single-process training on MDS: metrics, checkpoints, resolved config; kill -9, corrupt checkpoints, re-runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,53 +83,103 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return state["state"]["model"]
 
 
-def test_train_then_kill9_and_autoresume_matches_uninterrupted(run_dir):
+def _assert_same_weights(a: Path, b: Path) -> None:
+    first, second = _weights(a), _weights(b)
+    assert first.keys() == second.keys() and len(first) > 10
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name  # bitwise on CPU
+
+
+EXPORT = ["trainer.hf_export_interval=8ba"]  # the periodic HF export callback (vocab.json beside the data)
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir) -> Path:
+    """An uninterrupted 16-batch run (checkpoints every 4 batches, the last 3 kept)."""
     tmp, config = run_dir
     ref = tmp / "ref"
-    export = ["trainer.hf_export_interval=8ba"]  # the periodic HF export callback (vocab.json beside the data)
-    done = subprocess.run([*TRAIN, str(config), f"trainer.save_folder={ref}", *export], capture_output=True, text=True)
+    done = subprocess.run([*TRAIN, str(config), f"trainer.save_folder={ref}", *EXPORT], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = _summary(done.stdout)
+    (ref / "stdout.txt").write_text(done.stdout)
+    return ref
+
+
+def test_train_metrics_resolved_config_and_hf_export(reference):
+    metrics = _summary((reference / "stdout.txt").read_text())
     assert set(metrics) >= {f"{s}/{m}" for s in ("train", "eval") for m in ("nelbo", "masked_ce", "masked_acc")}
     assert 0 < metrics["eval/masked_ce"] < 2 * math.log(11)
     assert 0 <= metrics["eval/masked_acc"] <= metrics["eval/masked_acc_pm1"] <= 1
-    resolved = yaml.safe_load((ref / "config.yaml").read_text())
+    resolved = yaml.safe_load((reference / "config.yaml").read_text())
     assert resolved["model"]["conditions"][0]["num_labels"] == 3  # filled in from labels.json
-    assert resolved["trainer"]["save_folder"] == str(ref)
+    assert resolved["trainer"]["save_folder"] == str(reference)
 
-    crash = tmp / "crash"
-    args = [*TRAIN, str(config), f"trainer.save_folder={crash}", "trainer.save_interval=1ba"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (crash / "ep0-ba3-rank0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (crash / "ep1-ba16-rank0.pt").exists()  # really killed mid-run
-    resumed = subprocess.run(args, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    ref_weights, crash_weights = _weights(ref), _weights(crash)
-    assert ref_weights.keys() == crash_weights.keys()
-    for name, tensor in ref_weights.items():
-        assert torch.equal(tensor, crash_weights[name]), name  # bitwise on CPU
-
-    assert sorted(p.name for p in (ref / "hf").iterdir()) == ["ba16", "ba8"]
-    exported = DDSCModel.from_pretrained(ref / "hf" / "ba16").dit.state_dict()
+    ref_weights = _weights(reference)
+    assert sorted(p.name for p in (reference / "hf").iterdir()) == ["ba16", "ba8"]
+    exported = DDSCModel.from_pretrained(reference / "hf" / "ba16").dit.state_dict()
     assert exported.keys() == {k.removeprefix("model.") for k in ref_weights}
     for name, tensor in ref_weights.items():
         assert torch.equal(exported[name.removeprefix("model.")], tensor), name
 
 
-def test_incompatible_resume_and_typos_stop_before_training(run_dir, capsys):
+@pytest.mark.slow
+def test_kill9_at_three_random_points_then_autoresume_matches_uninterrupted(run_dir, reference):
+    """Chaos: SIGKILL at 3 seeded random moments (a few ms after a checkpoint file appears: often while it is
+    still being written), autoresume each time; the final weights equal the uninterrupted run's."""
+    tmp, config = run_dir
+    crash = tmp / "crash"
+    args = [*TRAIN, str(config), f"trainer.save_folder={crash}", "trainer.save_interval=1ba", *EXPORT]
+    rng = random.Random(18)
+    for batch in sorted(rng.sample(range(2, 15), 3)):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(crash.glob(f"ep*-ba{batch}-rank0.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert not (crash / "ep1-ba16-rank0.pt").exists()  # really killed mid-run
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(reference, crash)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(run_dir, reference):
+    tmp, config = run_dir
+    run = tmp / "truncated"
+    shutil.copytree(reference, run, symlinks=True)
+    newest = run / "ep1-ba16-rank0.pt"
+    truncated = newest.read_bytes()[: newest.stat().st_size // 2]  # as left by a job killed while writing it
+    newest.write_bytes(truncated)
+    args = [*TRAIN, str(config), f"trainer.save_folder={run}", *EXPORT]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"autoresume: checkpoint {newest} is corrupt: not a complete torch.save zip archive" in done.stderr
+    assert f"moved to {run / 'corrupt' / newest.name}" in done.stderr
+    assert f"autoresume: resuming from {run / 'ep1-ba12-rank0.pt'}" in done.stderr
+    assert (run / "corrupt" / newest.name).read_bytes() == truncated  # kept, not deleted
+    _assert_same_weights(reference, run)  # batches 13-16 retrained from the batch-12 checkpoint
+
+
+@pytest.mark.slow
+def test_a_finished_run_relaunched_reports_complete_and_changes_nothing(run_dir, reference):
+    tmp, config = run_dir
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    done = subprocess.run(
+        [*TRAIN, str(config), f"trainer.save_folder={reference}", *EXPORT], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "run already complete: 16 batches (128 cells) trained; nothing to do"
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+
+
+def test_incompatible_resume_and_typos_stop_before_training(run_dir, reference, capsys):
     spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
     launch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch)
     main = launch.main
     tmp, config = run_dir
-    folder = tmp / "ref"
-    if not (folder / "config.yaml").exists():
-        pytest.skip("needs the run of the previous test")
+    folder = reference
     assert main([str(config), f"trainer.save_folder={folder}", "model.n_layers=3"]) == 2
     assert "cannot resume: 'model.n_layers' was 2 in the saved run but is 3 now" in capsys.readouterr().err
     assert main([str(config), "model.n_layer=3"]) == 2
@@ -144,4 +196,4 @@ def test_incompatible_resume_and_typos_stop_before_training(run_dir, capsys):
     )
     cache = f"data.streams.synth.local={tmp / 'cache'}"
     assert main([str(config), f"data.labels={missing}", cache, f"trainer.save_folder={tmp / 'remote'}"]) == 2
-    assert "config error: data.labels: file:///nonexistent/labels.json not found" in capsys.readouterr().err
+    assert "error: data.labels: file:///nonexistent/labels.json not found" in capsys.readouterr().err

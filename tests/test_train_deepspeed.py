@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: same trajectory as the Composer engine, 2-rank ZeRO-3 checkpoint + resume, export."""
+"""The DeepSpeed engine: same trajectory as the Composer engine, 2-rank ZeRO-3 checkpoint + resume (past a corrupt
+checkpoint), re-run of a finished run, export."""
 
 from __future__ import annotations
 
@@ -75,16 +76,28 @@ def test_zero3_two_ranks_checkpoint_resume_and_export(tiny, tmp_path, capsys):
     ]  # each rank saved its own ZeRO-3 partition, of a bf16 module (amp_bf16: DeepSpeed's bf16 section)
     assert done.stdout.count("trained 8 batches (64 cells)") == 1  # the summary, from rank 0 only
 
-    # Resume from batch 6 (as after a crash there): batches 7-8 replay the same data, noise and LR.
+    # The newest checkpoint is corrupt (rank 1's partition truncated, as by a job killed while writing it): it
+    # is moved aside and the run resumes from batch 6; batches 7-8 replay the same data, noise and LR.
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "ba8")
-    (resumed / "latest").write_text("ba6")
+    partition = resumed / "ba8" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    partition.write_bytes(partition.read_bytes()[:1000])
     again = torchrun(tiny, 29743, *args, "trainer.save_interval=2ba", f"trainer.save_folder={resumed}")
-    assert "resumed from" in again.stdout and "at batch 6" in again.stdout
+    assert (
+        f"autoresume: checkpoint {resumed / 'ba8'} is corrupt: {partition.name}: not a complete torch.save zip "
+        f"archive" in again.stderr
+    )
+    assert (resumed / "corrupt" / "ba8" / partition.name).stat().st_size == 1000  # moved aside, not deleted
+    assert f"resumed from {resumed / 'ba6'}" in again.stdout and "at batch 6" in again.stdout
     final = read_model_state(run)
     assert _equal(final, read_model_state(resumed))  # bitwise on CPU
     assert not _equal(final, read_model_state(run / "ba6"))
+
+    # Launched again, the finished run says so and writes nothing.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    done = torchrun(tiny, 29744, *args, "trainer.save_interval=2ba", f"trainer.save_folder={run}")
+    assert done.stdout.splitlines()[-1] == "run already complete: 8 batches (64 cells) trained; nothing to do"
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["parallelism"]["zero_stage"] == 3 and saved["model"]["conditions"][0]["num_labels"] == 3

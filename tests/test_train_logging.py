@@ -1,4 +1,5 @@
-"""What a run logs: the sampling preview's metrics, and W&B (offline) receiving the same values as the file log."""
+"""What a run logs: the sampling preview's metrics, W&B (offline) receiving the same values as the file log, and
+what the console shows (the progress bar and one line of metrics per interval, nothing per parameter)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _file_log(path: Path) -> dict[int, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """4 batches with the preview at batch 4, a file log and W&B in offline mode."""
+    """4 batches with the preview at batch 4, a file log, W&B in offline mode, the console on, and per-parameter
+    optimizer norms every 2 batches."""
     tmp = tmp_path_factory.mktemp("log")
     write_mds(tmp / "mds")
     config = tiny_config(tmp)
@@ -50,7 +52,10 @@ def run(tmp_path_factory):
         f"trainer.log_file={tmp / 'metrics.log'}",
         "trainer.console_log_interval=1ba",
         "trainer.wandb_project=ddsc-test",
+        "trainer.log_to_console=true",
+        "trainer.progress_bar=true",
         "trainer.speed_window_size=2",
+        "trainer.optimizer_monitor_interval=2",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
     done = subprocess.run(
@@ -61,6 +66,7 @@ def run(tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    (tmp / "console.txt").write_text(done.stderr)
     return tmp, load_config(RunConfig, config, args), _file_log(tmp / "metrics.log")
 
 
@@ -145,3 +151,28 @@ def test_token_rates_count_real_and_padded_positions(run):
         assert 0 < real < padded <= 17 * cells * 1.05  # (two callbacks timing the same window: 5% slack)
         assert 6 * cells * 0.95 <= real
     assert 2 not in logged or "throughput/device/real_tokens_per_sec" not in logged[2]
+
+
+def test_console_shows_the_progress_bar_and_one_metric_line_per_interval_nothing_per_parameter(run):
+    tmp, _, logged = run
+    console = (tmp / "console.txt").read_text()
+    assert "4/4" in console and "ba/s" in console  # Composer's progress bar
+    lines = re.findall(r"\[(?:batch=\d+/4|eval at batch=\d+)\][^\n\x1b]*", console)
+    assert [line.split("]")[0] + "]" for line in lines] == [
+        *(f"[batch={b}/4]" for b in (1, 2, 3, 4)),
+        "[eval at batch=4]",
+    ]
+    metric = r"loss=\S+ train/masked_acc=\S+ train/masked_acc_pm1=\S+ train/masked_ce=\S+ train/nelbo=\S+ lr=\S+"
+    for batch, line in enumerate(lines[:4], start=1):
+        assert re.fullmatch(rf"\[batch={batch}/4\] {metric}( cells/s=\S+)?", line.strip()), line
+        loss = logged[batch - 1]["loss/train/total"]  # the file log counts the batch being trained from 0
+        assert float(line.split("loss=")[1].split()[0]) == pytest.approx(loss, abs=1e-3)
+    assert "cells/s=" in lines[3]  # throughput once the 2-batch speed window is full (MFU: needs peak_flops)
+    assert re.fullmatch(
+        r"\[eval at batch=4\] eval/masked_acc=\S+ eval/masked_acc_pm1=\S+ eval/masked_ce=\S+ eval/nelbo=\S+",
+        lines[4].strip(),
+    )
+    assert "l2_norm" not in console and "Train time/" not in console
+    per_parameter = [k for k in logged[2] if k.startswith("l2_norm/grad/")]
+    assert len(per_parameter) > 10 and all(k in logged[4] for k in per_parameter)  # in the log file, every 2 batches
+    assert not any(k.startswith("l2_norm/") for k in logged[1])

@@ -25,10 +25,11 @@ def write_mds(
     name: str = "synth",
 ):
     """``root/{train,valid}`` with cells whose counts follow their cell line (so there is something to learn),
-    and ``labels.json`` / ``vocab.json`` beside the splits, as data_prep writes them."""
+    xxh64 shard hashes, and ``labels.json`` / ``vocab.json`` beside the splits, as data_prep writes them."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("valid", n_valid)):
-        with MDSWriter(out=str(root / split), columns=MDS_COLUMNS, compression="zstd", size_limit=1 << 14) as out:
+        options = {"columns": MDS_COLUMNS, "compression": "zstd", "size_limit": 1 << 14, "hashes": ["xxh64"]}
+        with MDSWriter(out=str(root / split), **options) as out:
             for i in range(n):
                 line = i % len(LINES)
                 k = int(rng.integers(5, max_genes + 1))

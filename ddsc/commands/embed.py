@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, user_errors, write_output
+from ddsc.commands.model_args import (
+    add_input_arguments,
+    add_model_arguments,
+    load_predictor,
+    read_input,
+    write_output,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="input .h5ad with raw counts")
+    add_input_arguments(parser)
     add_model_arguments(parser)
-    parser.add_argument("--layer", help="read counts from this layer instead of X")
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
-    out = predictor.embed(read_input(args.input), layer=args.layer, seed=args.seed)
+    adata = read_input(args.input)
+    out = predictor.embed(adata, layer=args.layer, seed=args.seed, round_counts=args.round_counts)
     write_output(out, args.output)
     info = out.uns["ddsc_embed"]
     print(

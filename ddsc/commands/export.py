@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import user_errors
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Composer .pt, Composer sharded folder or DeepSpeed folder")
@@ -19,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="labels.json (default: data.labels or beside the training data)")
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     from ddsc.model.export import export_checkpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, user_errors, write_output
+from ddsc.commands.model_args import add_model_arguments, load_predictor, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,6 @@ def parse_conditions(items: list[str]) -> dict[str, list[str]]:
     return conditions
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
     out = predictor.generate(

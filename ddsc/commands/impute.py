@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, read_input, user_errors, write_output
+from ddsc.commands.model_args import (
+    add_input_arguments,
+    add_model_arguments,
+    load_predictor,
+    read_input,
+    write_output,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="input .h5ad with raw counts")
+    add_input_arguments(parser)
     add_model_arguments(parser)
-    parser.add_argument("--layer", help="read counts from this layer instead of X")
     parser.add_argument("--mask-fraction", type=float, help="hide this fraction of each cell's non-zero entries")
     parser.add_argument("--mask-layer", help="boolean layer of entries to hide")
     parser.add_argument("--genes", help="comma-separated var names to hide (and predict) in every cell")
@@ -23,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
     adata = read_input(args.input)
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         mask=mask,
         genes=genes,
         layer=args.layer,
+        round_counts=args.round_counts,
         method=args.method,
         steps=args.steps,
         temperature=args.temperature,

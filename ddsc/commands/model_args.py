@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +12,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input cells of impute and embed: raw counts, as data_prep requires (``ddsc.data.raw_counts``)."""
+    parser.add_argument("--input", required=True, help="input .h5ad with raw counts")
+    parser.add_argument("--layer", help="read counts from this layer instead of X")
+    add_round_counts_argument(parser)
+
+
+def add_round_counts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--round-counts",
+        action="store_true",
+        help="accept non-integer values by rounding them (default: refuse them, as data_prep does)",
+    )
 
 
 def load_predictor(args: argparse.Namespace):
@@ -37,18 +50,3 @@ def write_output(adata, path: str) -> None:
     partial = f"{path}.partial"
     adata.write_h5ad(partial)
     os.replace(partial, path)
-
-
-def user_errors(run):
-    """Bad input (missing file, unknown gene or label, bad value) -> one line on stderr and exit status 2."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"ddsc {args.command}: error: {message}", file=sys.stderr)
-            return 2
-
-    return wrapper

@@ -3,7 +3,8 @@
 Features are mapped to token ids by Ensembl id (version ignored), then by a unique symbol; unmatched
 features are dropped and counted, and two features landing on one token keep the first (counted too).
 Values must be raw integer counts: normalised or scaled data (non-integer or negative values) stops the
-conversion with a message naming the cell, unless ``round_counts`` is set explicitly.
+conversion with a message naming the cell and gene, unless ``round_counts`` is set explicitly (the rule of
+``ddsc.data.raw_counts``, which model use applies too).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from ddsc.data.cells import CellBatch, reject_codes, validate
 from ddsc.data.mds_convert import WriteOptions, convert, fingerprint
+from ddsc.data.raw_counts import check_raw_counts, gene_names
 from ddsc.data.readers import CountMatrix, open_counts
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.vocab import GeneVocab
@@ -58,10 +60,6 @@ def map_features(vocab: GeneVocab, ensembl_ids: list[str], symbols: list[str]) -
     )
 
 
-class NotRawCountsError(ValueError):
-    """The matrix holds normalised / scaled values, not raw integer counts."""
-
-
 @dataclass
 class AnnDataSource:
     vocab: GeneVocab
@@ -85,10 +83,14 @@ class AnnDataSource:
         with open_counts(path, self.layer) as matrix:
             tokens = self.mapping(matrix).tokens
             obs = self._obs(matrix)
+            genes = gene_names(matrix.ensembl_ids, matrix.symbols)
             for start in range(0, matrix.n_cells, self.chunk_size):
                 stop = min(start + self.chunk_size, matrix.n_cells)
                 offsets, features, values = matrix.rows(start, stop)
-                values = self._check_counts(np.asarray(values), offsets, matrix, start)
+                cells = matrix.obs_names[start:stop]
+                values = check_raw_counts(
+                    np.asarray(values), offsets, features, cells, genes, matrix.path, self.round_counts
+                )
                 metadata = {col: obs[col][start:stop] for col in METADATA_COLUMNS}
                 metadata["source"] = [source] * (stop - start)
                 cell_ids = [f"{source}:{i}" for i in range(start, stop)]
@@ -102,19 +104,6 @@ class AnnDataSource:
             raise KeyError(f"{matrix.path}: obs has no column(s) {missing} (has {sorted(matrix.obs)})")
         obs["barcode"] = matrix.obs_names
         return obs
-
-    def _check_counts(self, values: np.ndarray, offsets: np.ndarray, matrix: CountMatrix, start: int) -> np.ndarray:
-        if values.dtype.kind != "f" or self.round_counts:
-            return np.rint(values) if values.dtype.kind == "f" else values
-        bad = np.flatnonzero((values != np.floor(values)) | (values < 0))
-        if bad.size:
-            cell = start + int(np.searchsorted(offsets, bad[0], side="right")) - 1
-            raise NotRawCountsError(
-                f"{matrix.path}: cell {matrix.obs_names[cell]!r} has value {values[bad[0]]!r}: raw integer counts "
-                "are required (this looks normalised or scaled); use --layer to pick a counts layer (e.g. raw or "
-                "counts), or --round-counts to round anyway"
-            )
-        return values
 
 
 def convert_anndata(

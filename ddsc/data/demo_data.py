@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from ddsc.data.tahoe import MARKER_EXPRESSION
 from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS
+from ddsc.done import StepInputs
 
 CONTROL = "DMSO_TF"
 DOSE_UNIT = "uM"
@@ -282,6 +283,20 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
     }
     (out / "ground_truth" / "conditions.json").write_text(json.dumps(conditions, indent=1))
     return conditions
+
+
+def make_demo_data_once(out: str | Path, spec: DemoSpec = DemoSpec()) -> bool:
+    """``make_demo_data`` unless ``out`` already holds this spec's complete dataset; True when it wrote it.
+
+    A done marker (``ddsc.done``) is written last, so a run killed halfway is redone, and a finished one is
+    not rewritten (which would touch every file and make later steps think their inputs changed)."""
+    inputs = StepInputs.of([], {"demo_spec": asdict(spec)})
+    if inputs.done_in(out):
+        return False
+    inputs.begin(out)
+    make_demo_data(out, spec)
+    inputs.mark_done(out)
+    return True
 
 
 def synthetic_shard(

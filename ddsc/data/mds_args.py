@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 
-from ddsc.data.mds_convert import ConversionError, WriteOptions
+from ddsc.data.mds_convert import WriteOptions
 from ddsc.data.splits import SPLIT_BY, SplitSpec
 
 
@@ -37,13 +35,3 @@ def write_options(args: argparse.Namespace) -> WriteOptions:
     split = SplitSpec(args.valid_fraction, args.test_fraction, args.split_by, args.split_seed)
     compression = "" if args.compression == "none" else args.compression
     return WriteOptions(split=split, compression=compression, shard_size=args.shard_size, workers=args.workers)
-
-
-def exit_on_input_error(main: Callable[[], None]) -> None:
-    """Run a data_prep script's ``main``; a problem with its inputs or output folder (a missing or malformed
-    file, a resumed run with other settings: the messages name the file, key or row) ends it with one line,
-    ``error: <message>``, on stderr and exit status 1 instead of a traceback."""
-    try:
-        main()
-    except (ConversionError, OSError, ValueError, KeyError) as err:
-        sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}")

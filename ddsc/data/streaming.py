@@ -17,9 +17,12 @@ own cache subfolder; with one node per host nothing changes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.shared import prefix as shm_prefix
 
 from ddsc.config import ConfigError
+from ddsc.data.checked_dataset import CheckedStreamingDataset
 from ddsc.train.config import DataConfig, StreamConfig
 
 
@@ -59,10 +63,12 @@ def check_streams(data: DataConfig, split: str) -> None:
 
 @dataclass(frozen=True)
 class HostShare:
-    """This node's place among the Streaming nodes (groups of ``LOCAL_WORLD_SIZE`` ranks) running on its host."""
+    """This node's place among the Streaming nodes (groups of ``LOCAL_WORLD_SIZE`` ranks) running on its host,
+    and how many nodes the run has in all."""
 
     index: int = 0
     count: int = 1
+    nodes: int = 1
 
 
 def host_share() -> HostShare:
@@ -73,7 +79,7 @@ def host_share() -> HostShare:
     everyone: list[tuple[str, int] | None] = [None] * tdist.get_world_size()
     tdist.all_gather_object(everyone, (socket.gethostname(), node))
     here = sorted({n for host, n in everyone if host == socket.gethostname()})  # type: ignore[misc]
-    return HostShare(index=here.index(node), count=len(here))
+    return HostShare(index=here.index(node), count=len(here), nodes=len({n for _, n in everyone}))  # type: ignore[misc]
 
 
 @contextlib.contextmanager
@@ -95,13 +101,26 @@ def _own_shm_prefixes(share: HostShare) -> Iterator[None]:
         shm_prefix._each_prefix_int = original
 
 
+def node_cache(path: str, split: str) -> str:
+    """A node-local cache folder (under ``TMPDIR``) for the MDS dataset at ``path``, named by the path and its
+    split's index file (a dataset rewritten in place gets a fresh cache, not the old shards)."""
+    index = os.stat(os.path.join(path, split, "index.json"))
+    key = f"{os.path.abspath(path)}:{index.st_mtime_ns}:{index.st_size}"
+    return os.path.join(tempfile.gettempdir(), "ddsc-streams", hashlib.sha1(key.encode()).hexdigest()[:16])
+
+
 def _streams(data: DataConfig, split: str, share: HostShare) -> list[Stream]:
     streams = []
     for stream in data.streams.values():
         if stream.remote is not None and not is_remote(stream.remote) and stream.local is None:
-            # A filesystem "remote" with no cache folder is read in place instead of copied to a temp dir.
-            streams.append(Stream(local=stream.remote, split=split, proportion=stream.proportion))
-            continue
+            if share.nodes == 1:
+                # A filesystem "remote" with no cache folder is read in place instead of copied to a temp dir.
+                streams.append(Stream(local=stream.remote, split=split, proportion=stream.proportion))
+                continue
+            # With several nodes, a folder read in place is shared by all of them (a shared filesystem), and
+            # each node's Streaming would decompress the same shards into it at once (a rename race): each node
+            # copies into its own cache instead.
+            stream = dataclasses.replace(stream, local=node_cache(stream.remote, split))
         local = stream.local
         if stream.remote is not None and local is not None and share.count > 1:
             local = os.path.join(local, f"node{share.index}")  # a download cache cannot be shared by two nodes
@@ -117,7 +136,7 @@ def build_dataset(data: DataConfig, split: str, batch_size: int, train: bool) ->
     """
     share = host_share()
     with _own_shm_prefixes(share):
-        return StreamingDataset(
+        return CheckedStreamingDataset(
             streams=_streams(data, split, share),
             batch_size=batch_size,
             shuffle=data.shuffle and train,
@@ -125,6 +144,7 @@ def build_dataset(data: DataConfig, split: str, batch_size: int, train: bool) ->
             num_canonical_nodes=data.num_canonical_nodes,
             predownload=data.predownload,
             cache_limit=data.cache_limit,
+            validate_hash=data.validate_hash,
             allow_unsafe_types=False,
         )
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ddsc.commands.model_args import user_errors
+from ddsc.commands.model_args import add_round_counts_argument
+from ddsc.done import StepInputs
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -196,11 +197,11 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
 
     Read through ``StreamingDataset`` (unshuffled), like training, so compressed shards are handled.
     """
-    from streaming import StreamingDataset
+    from ddsc.data.checked_dataset import CheckedStreamingDataset
 
     if not (split_dir / "index.json").is_file():
         raise FileNotFoundError(f"{split_dir}: not an MDS split folder (no index.json)")
-    dataset = StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
+    dataset = CheckedStreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)  # names a bad shard
     n = len(dataset)
     idx = range(n) if n <= max_cells else np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
     return [dataset[int(i)] for i in idx]
@@ -237,6 +238,7 @@ def load_data(
     max_cells: int,
     max_train_cells: int,
     baseline_fraction: float,
+    round_counts: bool = False,
 ) -> tuple[list[dict], list[dict], str]:
     """(baseline train samples, evaluation samples, description of where they came from).
 
@@ -254,7 +256,7 @@ def load_data(
         missing = [c for c in settings.embed_labels if c not in adata.obs]
         if missing:
             raise ValueError(f"--embed-labels: {data} has no obs column {missing[0]!r}")
-        samples, matched = predictor.samples_from_anndata(adata)
+        samples, matched = predictor.samples_from_anndata(adata, round_counts=round_counts)
         for column in settings.embed_labels:  # any obs column the user names can label the embeddings
             for sample, value in zip(samples, adata.obs[column].astype(str), strict=True):
                 sample[column] = value
@@ -333,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: cell_line_id, drug and dose where present",
     )
     parser.add_argument("--device", default="cpu")
+    add_round_counts_argument(parser)  # .h5ad input
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
@@ -372,7 +375,6 @@ def summary_line(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
     from ddsc.eval.ground_truth import find_ground_truth
@@ -383,6 +385,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.ground_truth is None and args.data.suffix != ".h5ad":
         found = find_ground_truth(args.data)
         settings.ground_truth = None if found is None else str(found)
+    inputs = report_inputs(args, settings)
+    if inputs.done_in(args.out):
+        print(f"{args.out} is up to date with its model, data and settings; nothing to do")
+        return 0
+    inputs.begin(args.out)
     start = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, device=settings.device)
     # the denoiser alone is scored: an auxiliary cell loss is a training objective, not part of the NELBO
@@ -396,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
         args.max_cells,
         args.max_train_cells,
         args.baseline_fraction,
+        args.round_counts,
     )
     metrics, arrays = evaluate(
         predictor.model,
@@ -420,4 +428,13 @@ def run(args: argparse.Namespace) -> int:
             f"{reference['mean_delta_pearson']:.3f} (dose {top}: {reference['by_dose'].get(top, float('nan')):.3f})"
         )
     print(f"report: {files[-2]} ({len(files)} files in {args.out})")
+    inputs.mark_done(args.out)
     return 0
+
+
+def report_inputs(args: argparse.Namespace, settings: EvalSettings) -> StepInputs:
+    """What a report depends on: the model folder, the data (an .h5ad, or the MDS split indexes), the ground
+    truth and every setting, so an unchanged re-run is skipped (``ddsc.done``)."""
+    data = [args.data] if args.data.suffix == ".h5ad" else sorted(args.data.glob("*/index.json"))
+    chosen = {k: v for k, v in vars(args).items() if k not in ("out", "command") and not k.startswith("_")}
+    return StepInputs.of([args.model, *data, settings.ground_truth], {**chosen, **asdict(settings)})

@@ -110,9 +110,28 @@ def _read_deepspeed(path: Path) -> dict[str, Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)  # a tag folder
 
 
-def read_model_state(path: str | Path) -> dict[str, Tensor]:
-    """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind."""
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise ``CorruptCheckpointError`` naming the checkpoint when it would not load (truncated, bytes changed,
+    never finished), before any reader fails on it with its own error (``ddsc.train.checkpoint_integrity``)."""
+    from ddsc.train.checkpoint_integrity import CorruptCheckpointError, composer_problem, deepspeed_problem
+
+    resolved = resolve_checkpoint(path)
+    if checkpoint_kind(path) == "deepspeed":
+        latest = resolved / "latest"
+        resolved = resolved / latest.read_text().strip() if latest.is_file() else resolved
+        problem = deepspeed_problem(resolved)
+    else:
+        problem = composer_problem(resolved)
+    if problem is not None:
+        raise CorruptCheckpointError(f"{resolved}: corrupt checkpoint: {problem}")
+
+
+def read_model_state(path: str | Path, verify: bool = True) -> dict[str, Tensor]:
+    """The DiT's float32 state dict (bare ``DiT`` key names) from a checkpoint of any supported kind
+    (``verify=False``: the caller has run :func:`verify_checkpoint`)."""
     kind = checkpoint_kind(path)
+    if verify:
+        verify_checkpoint(path)
     resolved = resolve_checkpoint(path)
     reader = {"composer": _read_composer, "composer_sharded": _read_composer_sharded, "deepspeed": _read_deepspeed}
     state = strip_wrappers(reader[kind](resolved))

@@ -25,6 +25,11 @@ casts the module), with or without autocast around it:
   bf16 parameters the weights are bf16-rounded, but products and sums are float32. They are ``nn.Linear``
   modules (same state-dict keys), so DeepSpeed ZeRO-3's per-module gather hooks still fire.
 
+Padding. A batch is padded to its longest cell, but with ``model.attention: unpadded`` (the default) every
+position-wise layer runs on the real tokens only and attention gets no mask at all when nothing is padding
+(so CUDA's SDPA may pick flash attention); see ``Layout``. ``masked`` keeps the padded layout with a
+key-padding mask everywhere, as the reference: both give the same logits at real positions (tested).
+
 ``fsdp_wrap_fn`` / ``activation_checkpointing_fn`` are defined here, on the module Composer hands to FSDP (it
 reads them from the ``ComposerModel``'s children): each ``DiTBlock`` is its own FSDP unit and, when asked,
 its own activation-checkpointing unit.

@@ -31,6 +31,7 @@ from ddsc.data import tokens as tokens_module
 from ddsc.data.labels import LabelVocab
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.vocab import GeneVocab
+from ddsc.done import StepInputs
 from ddsc.model import config as model_config_module
 from ddsc.model import dit as dit_module
 from ddsc.model import hf as hf_module
@@ -45,7 +46,8 @@ REMOTE_CODE_MODULES = {
 }
 AUTO_MAP = {"AutoConfig": "hf.DDSCConfig", "AutoModel": "hf.DDSCModel"}
 TRAIN_CONFIG_FILE = "train_config.yaml"
-REQUIRED_FILES = ("config.json", "model.safetensors", VOCAB_FILE, LABELS_FILE)
+WEIGHTS_FILE = "model.safetensors"
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, LABELS_FILE)
 
 _DDSC_IMPORT = re.compile(r"^(\s*)from\s+ddsc(?:\.\w+)*\.(\w+)\s+import\b", re.MULTILINE)
 _ANY_DDSC_IMPORT = re.compile(r"^\s*(?:from|import)\s+ddsc\b.*$", re.MULTILINE)
@@ -138,8 +140,11 @@ class ExportSummary:
     num_params: int
     genes: int
     conditions: dict[str, int]
+    up_to_date: bool = False  # the folder was already exported from the same files: nothing written
 
     def format(self) -> str:
+        if self.up_to_date:
+            return f"{self.out} is up to date with its {self.checkpoint_kind} checkpoint; nothing to do"
         conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
         return (
             f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
@@ -157,14 +162,22 @@ def export_checkpoint(
     """Export a Composer (monolithic / sharded) or DeepSpeed ZeRO checkpoint to an HF folder.
 
     The run config defaults to ``config.yaml`` in the run's save folder, the vocabulary and labels to the
-    files beside the training data (``data.labels`` for the labels when set).
+    files beside the training data (``data.labels`` for the labels when set). A folder already exported from
+    the same files (``ddsc.done``) is left as it is.
     """
-    from ddsc.model.checkpoints import checkpoint_kind, find_run_config, read_model_state
+    from ddsc.model.checkpoints import (
+        checkpoint_kind,
+        find_run_config,
+        read_model_state,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
     from ddsc.train.assets import fetch_assets, local_path
     from ddsc.train.config import RunConfig
     from ddsc.train.trainer import load_labels, resolve_model_config
 
     kind = checkpoint_kind(checkpoint)
+    verify_checkpoint(checkpoint)  # first: a corrupt checkpoint is the problem to report, whatever else is
     config_path = config_path or find_run_config(checkpoint)
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
@@ -182,9 +195,13 @@ def export_checkpoint(
     if not Path(vocab_path).is_file():
         raise FileNotFoundError(f"gene vocabulary not found ({vocab_path}); pass --vocab")
     vocab = GeneVocab.from_json(vocab_path)
+    labels_file = local_path(run, LABELS_FILE) if run.model.conditions else None
+    inputs = StepInputs.of([resolve_checkpoint(checkpoint), config_path, vocab_path, labels_file], {})
+    if inputs.done_in(out):
+        return ExportSummary(Path(out), kind, 0, vocab.num_genes, {}, up_to_date=True)
 
+    state = read_model_state(checkpoint, verify=False)
     model = DDSCModel(hf_config_from_run(run))
-    state = read_model_state(checkpoint)
     expected = {k: v.shape for k, v in model.dit.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
@@ -196,6 +213,7 @@ def export_checkpoint(
         raise ValueError(f"{checkpoint}: weights do not match the run config {config_path} ({detail})")
     model.dit.load_state_dict(state)
     write_hf_folder(model, out, vocab, labels, run)
+    inputs.mark_done(out)
     return ExportSummary(
         out=Path(out),
         checkpoint_kind=kind,

@@ -136,14 +136,16 @@ def build_algorithms(trainer: TrainerConfig) -> list[Algorithm]:
 
 
 def build_callbacks(trainer: TrainerConfig, device: str) -> list[Callback]:
-    """Speed (throughput and MFU), LR, optimizer norms, runtime estimate; GPU memory on GPU."""
+    """Speed (throughput and MFU), LR, runtime estimate; GPU memory on GPU; optimizer norms when asked for
+    (``trainer.optimizer_monitor_interval``: one value per parameter, for W&B / the log file, not the console)."""
     callbacks: list[Callback] = [
         SpeedMonitor(window_size=trainer.speed_window_size, gpu_flops_available=trainer.peak_flops_per_device),
         LRMonitor(),
-        OptimizerMonitor(),
         RuntimeEstimator(),
         TokenRates(trainer.speed_window_size),
     ]
+    if trainer.optimizer_monitor_interval:
+        callbacks.append(OptimizerMonitor(batch_log_interval=trainer.optimizer_monitor_interval))
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     return callbacks

@@ -37,6 +37,9 @@ class DataConfig:
     num_canonical_nodes: int | None = None
     predownload: int | None = None  # samples to download ahead per worker (None: Streaming's default)
     cache_limit: str | None = None  # e.g. "100gb": evict shards from the local cache above this size
+    # A hash recorded in the MDS index (data_prep writes "xxh64"): every shard file is checked against it when
+    # it is downloaded or decompressed (Streaming) and, in a filesystem stream, before training starts.
+    validate_hash: str | None = None
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -117,8 +120,11 @@ class TrainerConfig:
     preview_cells: int = 8
     preview_steps: int = 16
     preview_method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting"
-    log_to_console: bool = True
+    log_to_console: bool = True  # one line of metrics per console_log_interval (ddsc.train.console.MetricLines)
     console_log_interval: str = "10ba"
+    # Every N batches, per-parameter gradient / weight norms (Composer's OptimizerMonitor) for W&B and log_file
+    # (never printed on the console). None: off.
+    optimizer_monitor_interval: int | None = None
     log_file: str | None = None  # also write every logged metric to this file (Composer FileLogger)
     # Peak FLOP/s of one device for MFU. GPUs are detected by Composer; set this on CPU (or unknown GPUs).
     peak_flops_per_device: float | None = None

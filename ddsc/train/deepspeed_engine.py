@@ -37,8 +37,10 @@ import torch
 from ddsc.config import ConfigError
 from ddsc.precision import cpu_prefers_bf16, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
+from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
 from ddsc.train.config import RunConfig
 from ddsc.train.metric_log import MetricLog
+from ddsc.train.run_folder import write_config
 from ddsc.train.trainer import TrainSummary
 
 TAG_PREFIX = "ba"
@@ -162,7 +164,7 @@ class DeepSpeedRun:
 
         from ddsc.train.builders import build_optimizer, resolve_device
         from ddsc.train.composer_model import DDSCComposerModel
-        from ddsc.train.run_folder import resolve_save_folder, write_config
+        from ddsc.train.run_folder import resolve_save_folder
         from ddsc.train.trainer import build_loaders, prepare_run
 
         trainer = config.trainer
@@ -204,13 +206,14 @@ class DeepSpeedRun:
         self.optimizer_name = type(optimizer).__name__
         self.progress = Progress()
         self.log = MetricLog(config, self.rank, self.engine.device, _peak_flops(config, precision))
-        if self.save_folder is not None and self.rank == 0:
-            write_config(str(self.save_folder), config)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        """Load the newest checkpoint of ``save_folder`` (autoresume); False when there is none yet."""
-        if self.save_folder is None or not (self.save_folder / "latest").is_file():
+        """Load the newest intact checkpoint of ``save_folder`` (autoresume); False when there is none yet."""
+        if self.save_folder is None:
+            return False
+        recover_on_rank_zero(deepspeed_folder(self.save_folder), self.rank, torch.distributed.barrier)
+        if not (self.save_folder / "latest").is_file():
             return False
         path, client = self.engine.load_checkpoint(str(self.save_folder))
         if path is None:
@@ -278,6 +281,11 @@ class DeepSpeedRun:
     def fit(self) -> TrainSummary:
         if self.config.trainer.autoresume:
             self.resume()
+        if self.progress.batch >= self.max_batches:  # resumed at the end: no batch, evaluation or checkpoint to add
+            self.log.close()
+            return TrainSummary(self.progress.batch, self.progress.samples, 0.0, {}, already_complete=True)
+        if self.save_folder is not None and self.rank == 0:
+            write_config(str(self.save_folder), self.config)
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         evaluated_at = saved_at = -1

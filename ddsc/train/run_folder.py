@@ -19,6 +19,7 @@ from ddsc.data.streaming import is_remote
 from ddsc.train.config import RunConfig
 
 CONFIG_FILE = "config.yaml"
+COMPOSER_LATEST = "latest-rank0.pt"  # the pointer Composer keeps to its newest checkpoint (save_latest_filename)
 
 # Dotted prefixes that must not change across a resume; everything else (durations, intervals, loggers, the
 # number of ranks, the LR) may.
@@ -28,6 +29,26 @@ FROZEN_KEYS = ("model", "data.binning", "data.max_length", "diffusion", "optimiz
 def resolve_save_folder(config: RunConfig) -> str | None:
     folder = config.trainer.save_folder
     return folder.replace("{run_name}", config.trainer.run_name) if folder else None
+
+
+def composer_resume_path(save_folder: str | None, autoresume: bool) -> str | None:
+    """The Composer checkpoint an autoresumed run loads from a filesystem ``save_folder``, or None.
+
+    Composer's own autoresume is kept for object stores only. On a filesystem folder shared by several nodes
+    (NFS, Lustre, GPFS) it fails: the local rank 0 of every node creates and then deletes the same signal file
+    beside the checkpoints, so one node's delete finds the file gone (``FileNotFoundError``), even on the first
+    launch. This does what it does with none of that: rank 0 follows the ``latest-rank0.pt`` pointer Composer
+    keeps in the folder, every rank gets the answer, and the trainer loads it as an explicit ``load_path``
+    (Composer downloads it through a node-local temporary folder, which no other node sees).
+    """
+    if not autoresume or save_folder is None or is_remote(save_folder):
+        return None
+    from composer.utils import dist
+
+    latest = Path(save_folder) / COMPOSER_LATEST
+    found = [str(latest.resolve()) if latest.exists() else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

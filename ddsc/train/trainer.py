@@ -33,8 +33,11 @@ class TrainSummary:
     samples: int
     wall_s: float
     metrics: dict[str, float]
+    already_complete: bool = False  # an autoresumed run whose checkpoint had reached trainer.max_duration
 
     def format(self) -> str:
+        if self.already_complete:
+            return f"run already complete: {self.batches} batches ({self.samples} cells) trained; nothing to do"
         parts = [f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())]
         return f"trained {self.batches} batches ({self.samples} cells) in {self.wall_s:.1f}s: " + " ".join(parts)
 
@@ -146,9 +149,12 @@ def check_data(config: RunConfig) -> None:
     Checks that need the label or gene vocabulary run here when those files are local; remote ones are
     fetched once the process group exists, and ``check_run`` then runs in ``train``.
     """
+    from ddsc.data.check import verify_local_shards
+
     check_streams(config.data, config.data.train_split)
     if config.data.eval_split:
         check_streams(config.data, config.data.eval_split)
+    verify_local_shards(config.data)  # with data.validate_hash
     if config.parallelism.engine == "deepspeed":
         from ddsc.train.deepspeed_engine import check_deepspeed
 
@@ -207,8 +213,10 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         resolve_precision,
     )
     from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
+    from ddsc.train.checkpoint_integrity import composer_folder, recover_on_rank_zero
     from ddsc.train.composer_model import DDSCComposerModel
-    from ddsc.train.run_folder import resolve_save_folder
+    from ddsc.train.console import MetricLines
+    from ddsc.train.run_folder import composer_resume_path, resolve_save_folder
 
     trainer_cfg, par = config.trainer, config.parallelism
     device = resolve_device(trainer_cfg)
@@ -224,6 +232,8 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         parallelism = build_parallelism(par, world_size, device)
 
     save_folder = resolve_save_folder(config)
+    if save_folder and trainer_cfg.autoresume and not is_url(save_folder):
+        recover_on_rank_zero(composer_folder(save_folder), dist.get_global_rank(), dist.barrier)
     callbacks = [*build_callbacks(trainer_cfg, device), ResetEvalNoise(), SeedEachBatch(trainer_cfg.seed)]
     if save_folder:
         callbacks.append(SaveResolvedConfig(config, save_folder))
@@ -247,6 +257,9 @@ def _train_composer(config: RunConfig) -> TrainSummary:
 
         apply_activation_checkpointing(model.model, check_fn=model.model.activation_checkpointing_fn)
     optimizer = build_optimizer(config.optimizer, model, device)
+    loggers = build_loggers(config)
+    if trainer_cfg.log_to_console:
+        loggers.append(MetricLines(trainer_cfg.console_log_interval))
 
     trainer = Trainer(
         model=model,
@@ -264,23 +277,28 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         device_train_microbatch_size=trainer_cfg.device_train_microbatch_size,
         algorithms=build_algorithms(trainer_cfg),
         callbacks=callbacks,
-        loggers=build_loggers(config),
+        loggers=loggers,
         run_name=trainer_cfg.run_name,
         seed=trainer_cfg.seed,
         save_folder=save_folder,
         save_interval=trainer_cfg.save_interval,
         save_num_checkpoints_to_keep=trainer_cfg.save_num_checkpoints_to_keep,
-        autoresume=trainer_cfg.autoresume,
+        # Autoresume: Composer's own for object stores, our explicit load_path for filesystem folders (shared
+        # by several nodes, Composer's fails; see run_folder.composer_resume_path).
+        autoresume=trainer_cfg.autoresume and save_folder is not None and is_url(save_folder),
+        load_path=composer_resume_path(save_folder, trainer_cfg.autoresume),
         # A crash can leave a checkpoint newer than the one `latest` points to (killed before the symlink
         # moved); the resumed run recomputes those batches and must be allowed to replace that file.
         save_overwrite=trainer_cfg.autoresume,
-        log_to_console=trainer_cfg.log_to_console,
-        console_log_interval=trainer_cfg.console_log_interval,
+        log_to_console=False,  # its console logger prints every value on a line: MetricLines instead
         progress_bar=trainer_cfg.progress_bar,
     )
+    state = trainer.state
+    if state.max_duration <= state.timestamp.get(state.max_duration.unit):  # resumed at the end: Composer refuses
+        trainer.close()
+        return TrainSummary(int(state.timestamp.batch), int(state.timestamp.sample), 0.0, {}, already_complete=True)
     start = time.perf_counter()
     trainer.fit()
-    state = trainer.state
     metrics = {f"train/{k}": float(m.compute()) for k, m in state.train_metrics.items()}
     for label, group in state.eval_metrics.items():
         metrics.update({f"{label}/{k}": float(m.compute()) for k, m in group.items()})
