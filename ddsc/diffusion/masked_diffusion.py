@@ -10,10 +10,6 @@ cell is ``E_t [ weight(t) * sum over masked positions of CE(logits, x0) ]`` with
 ``weight(t) = -alpha'(t) / (1 - alpha(t))`` (1/t for the log-linear schedule). We report it per real gene
 position (nats), the quantity the original DDSC reported as "NLL".
 
-Auxiliary cell loss (``cell_loss_weight`` > 0, off by default): the model's cell decoder predicts the masked
-bins again, from the cell embedding and the gene identity only; its mean CE per masked token (``cell_ce``),
-times the weight, is added to the loss. The NELBO and the other metrics are those of the denoiser alone.
-
 Variance reduction: antithetic (stratified) t across the batch, ``t_i = (u + i / B) mod 1``, mapped to
 ``[eps, 1]`` so the 1/t weight stays bounded.
 """
@@ -24,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ddsc.data.tokens import ExpressionTokens
@@ -49,7 +44,6 @@ class DiffusionOutput:
     num_masked: Tensor  # int64
     correct: Tensor  # int64: masked positions whose argmax bin is the clean bin
     correct_pm1: Tensor  # int64: ... within one bin of the clean bin
-    cell_ce_sum: Tensor | None = None  # float64: the cell decoder's CE summed over masked positions (when on)
 
 
 class MaskedDiffusion:
@@ -90,12 +84,7 @@ class MaskedDiffusion:
         if t is None:
             t = self.sample_t(expr.shape[0], expr.device, generator)
         noisy, masked = self.corrupt(expr, real, t, generator)
-        inputs = (batch["gene_ids"], noisy, batch["attention_mask"], batch.get("cond"), t)
-        cell_ce_sum = None
-        if self.cfg.cell_loss_weight > 0:
-            logits, cell_logits = model(*inputs, decode_cell=masked)
-        else:
-            logits = model(*inputs)
+        logits = model(batch["gene_ids"], noisy, batch["attention_mask"], batch.get("cond"), t)
         log_probs = logits.float().log_softmax(dim=-1)
         target = expr.clamp(max=self.num_bins - 1)  # special tokens only occur where nothing is masked
         ce = -log_probs.gather(-1, target[..., None]).squeeze(-1)
@@ -103,10 +92,6 @@ class MaskedDiffusion:
         nelbo_sum = (self.schedule.weight(t.float())[:, None] * ce).sum()
         num_real = real.sum()
         loss = nelbo_sum / num_real.clamp(min=1)
-        if self.cfg.cell_loss_weight > 0:
-            cell_ce_sum = F.cross_entropy(cell_logits.float(), target[masked], reduction="sum")
-            loss = loss + self.cfg.cell_loss_weight * cell_ce_sum / masked.sum().clamp(min=1)
-            cell_ce_sum = cell_ce_sum.detach().double()
         with torch.no_grad():
             prediction = logits.argmax(dim=-1)
             distance = (prediction - target).abs()
@@ -121,5 +106,4 @@ class MaskedDiffusion:
                 num_masked=masked.sum(),
                 correct=((distance == 0) & masked).sum(),
                 correct_pm1=((distance <= 1) & masked).sum(),
-                cell_ce_sum=cell_ce_sum,
             )

@@ -58,8 +58,6 @@ class ModelConfig:
     # (see ``ddsc.model.dit.Layout``); "masked": every position with a key-padding mask (the reference).
     attention: Literal["unpadded", "masked"] = "unpadded"
     conditions: list[ConditionConfig] = field(default_factory=list)
-    # the cell embedding's decoder (``ddsc.model.dit.CellDecoder``), trained when diffusion.cell_loss_weight > 0
-    cell_decoder: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -118,10 +118,6 @@ class Layout:
         """``[B, L, ...]`` -> the layout's own shape (``[N, ...]`` when unpadded)."""
         return x if self.index is None else x.flatten(0, 1)[self.index]
 
-    def first(self, x: Tensor) -> Tensor:
-        """The ``<cls>`` rows ``[B, ...]`` (position 0 of every cell, always real) of the layout's shape."""
-        return x[:, 0] if self.index is None else x[self.cu_seqlens[:-1].long()]
-
     def padded(self, x: Tensor) -> Tensor:
         """The layout's shape -> ``[B, L, ...]``, padded positions zero."""
         if self.index is None:
@@ -184,24 +180,6 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x, gate2, self.mlp(_in_dtype_of(h, self.mlp[0])))
 
 
-class CellDecoder(nn.Module):
-    """Expression bins of genes from the cell embedding and the gene identity alone (``model.cell_decoder``).
-
-    ``MLP([cell embedding, gene embedding]) -> K logits``, scGPT's masked value prediction for cell modelling:
-    trained on the masked genes (``diffusion.cell_loss_weight``), it makes the ``<cls>`` state a summary of
-    the cell, which nothing else trains (under SUBS the head's loss never reaches the final ``<cls>`` state).
-    """
-
-    def __init__(self, d_model: int, num_bins: int):
-        super().__init__()
-        self.hidden = nn.Linear(2 * d_model, d_model)
-        self.out = Float32Linear(d_model, num_bins)
-
-    def forward(self, cell: Tensor, genes: Tensor) -> Tensor:
-        h = _in_dtype_of(torch.cat([cell, genes.float()], dim=-1), self.hidden)
-        return self.out(F.gelu(self.hidden(h), approximate="tanh"))
-
-
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of the diffusion time t in [0, 1] followed by a small MLP (as in DiT)."""
 
@@ -237,7 +215,6 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaln = adaln_map(d, 2)
         self.head = Float32Linear(d, cfg.num_bins)
-        self.cell_decoder = CellDecoder(d, cfg.num_bins) if cfg.cell_decoder else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -251,9 +228,8 @@ class DiT(nn.Module):
         for adaln in [*(block.adaln for block in self.blocks), self.final_adaln]:
             nn.init.zeros_(adaln[-1].weight)
             nn.init.zeros_(adaln[-1].bias)
-        for head in [self.head] + ([self.cell_decoder.out] if self.cell_decoder is not None else []):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def condition(self, batch_size: int, device: torch.device, cond: Tensor | None, t: Tensor | None) -> Tensor:
         """The conditioning vector [B, D]: sum of condition embeddings (+ time embedding).
@@ -280,30 +256,16 @@ class DiT(nn.Module):
             c = c + self.time_embedding(t)
         return c
 
-    def _stream(self, gene_ids: Tensor, expr: Tensor, attention_mask: Tensor, cond: Tensor | None, t: Tensor | None):
-        """(residual stream after the last block at the layout's positions, conditioning vector, layout)."""
+    def _tokens(self, gene_ids: Tensor, expr: Tensor, attention_mask: Tensor, cond: Tensor | None, t: Tensor | None):
+        """(final normed, modulated states of the layout's positions, float32; the layout)."""
         layout = Layout.of(attention_mask, self.cfg.attention)
         gene_ids, expr = layout.tokens(gene_ids), layout.tokens(expr)
         x = self.gene_embedding(gene_ids).float() + self.expr_embedding(expr).float()
         c = self.condition(attention_mask.shape[0], attention_mask.device, cond, t)
         for block in self.blocks:
             x = block(x, c, layout)
-        return x, c, layout
-
-    def _final(self, x: Tensor, c: Tensor, layout: Layout) -> Tensor:
-        """Final normed, modulated states (float32), the head's input."""
         shift, scale = layout.per_cell(self.final_adaln(c.float())).chunk(2, dim=-1)
-        return modulate(self.final_norm(x), shift, scale).float()
-
-    def _tokens(self, gene_ids: Tensor, expr: Tensor, attention_mask: Tensor, cond: Tensor | None, t: Tensor | None):
-        """(final normed, modulated states of the layout's positions, float32; the layout)."""
-        x, c, layout = self._stream(gene_ids, expr, attention_mask, cond, t)
-        return self._final(x, c, layout), layout
-
-    def _cell(self, x: Tensor, layout: Layout) -> Tensor:
-        """The cell embedding [B, D] float32: the ``<cls>`` residual stream after the last block, layer-normed
-        (not the final adaLN-modulated state: its shift is the conditions' embedding, not the cell's)."""
-        return F.layer_norm(layout.first(x).float(), (self.cfg.d_model,), eps=1e-6)
+        return modulate(self.final_norm(x), shift, scale).float(), layout
 
     def hidden(
         self,
@@ -313,24 +275,9 @@ class DiT(nn.Module):
         cond: Tensor | None = None,
         t: Tensor | None = None,
     ) -> Tensor:
-        """Final normed, modulated hidden states float32 [B, L, D] (the output head's input)."""
+        """Final normed, modulated hidden states float32 [B, L, D] (cell embedding: ``[:, 0]`` or a mean-pool)."""
         h, layout = self._tokens(gene_ids, expr, attention_mask, cond, t)
         return layout.padded(h)
-
-    def embeddings(
-        self,
-        gene_ids: Tensor,
-        expr: Tensor,
-        attention_mask: Tensor,
-        cond: Tensor | None = None,
-        t: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(cell embedding [B, D], final hidden states [B, L, D]), float32, from one pass (``ddsc embed``).
-
-        The cell embedding is what ``model.cell_decoder`` is trained to decode the cell's masked genes from.
-        """
-        x, c, layout = self._stream(gene_ids, expr, attention_mask, cond, t)
-        return self._cell(x, layout), layout.padded(self._final(x, c, layout))
 
     def forward(
         self,
@@ -339,23 +286,10 @@ class DiT(nn.Module):
         attention_mask: Tensor,
         cond: Tensor | None = None,
         t: Tensor | None = None,
-        decode_cell: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits float32 [B, L, K]; at padded positions they are zero (``masked`` mode: whatever is computed).
-
-        ``decode_cell`` (bool [B, L], needs ``model.cell_decoder``): also the cell decoder's logits [M, K] at
-        those M positions, from the cell embedding and each position's gene (computed here, inside the forward
-        that FSDP wraps, so the decoder's parameters are gathered like the head's).
-        """
-        x, c, layout = self._stream(gene_ids, expr, attention_mask, cond, t)
-        logits = layout.padded(self.head(self._final(x, c, layout)))
-        if decode_cell is None:
-            return logits
-        if self.cell_decoder is None:
-            raise ValueError("decode_cell needs model.cell_decoder: true")
-        rows, positions = decode_cell.nonzero(as_tuple=True)
-        genes = self.gene_embedding(gene_ids[rows, positions])
-        return logits, self.cell_decoder(self._cell(x, layout)[rows], genes)
+    ) -> Tensor:
+        """Logits float32 [B, L, K]; at padded positions they are zero (``masked`` mode: whatever is computed)."""
+        h, layout = self._tokens(gene_ids, expr, attention_mask, cond, t)
+        return layout.padded(self.head(h))
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each block's computation (``parallelism.compile``), one graph per block.

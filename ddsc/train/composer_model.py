@@ -17,18 +17,17 @@ from ddsc.diffusion.masked_diffusion import DiffusionOutput, MaskedDiffusion
 from ddsc.model.config import ModelConfig
 from ddsc.model.dit import DiT
 from ddsc.precision import autocast
-from ddsc.train.metrics import NELBO, CellCE, MaskedAccuracy, MaskedAccuracyPM1, MaskedCE
+from ddsc.train.metrics import NELBO, MaskedAccuracy, MaskedAccuracyPM1, MaskedCE
 
 EVAL_SEED = 1234
 
 
-def _metrics(cell_loss: bool) -> dict[str, Metric]:
+def _metrics() -> dict[str, Metric]:
     return {
         "nelbo": NELBO(),
         "masked_ce": MaskedCE(),
         "masked_acc": MaskedAccuracy(),
         "masked_acc_pm1": MaskedAccuracyPM1(),
-        **({"cell_ce": CellCE()} if cell_loss else {}),
     }
 
 
@@ -44,15 +43,12 @@ class DDSCComposerModel(ComposerModel):
         self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, autocast_dtype: torch.dtype | None = None
     ):
         super().__init__()
-        cell_loss = diffusion_cfg.cell_loss_weight > 0
-        if cell_loss and not model_cfg.cell_decoder:
-            raise ValueError("diffusion.cell_loss_weight > 0 needs model.cell_decoder: true (the decoder it trains)")
         self.model = DiT(model_cfg)
         self.diffusion = MaskedDiffusion(diffusion_cfg, model_cfg.num_bins)
         self.autocast_dtype = autocast_dtype
         # Plain dicts, not submodules: FSDP must not try to shard metric state (Composer moves metrics itself).
-        self.train_metrics = _metrics(cell_loss)
-        self.val_metrics = _metrics(cell_loss)
+        self.train_metrics = _metrics()
+        self.val_metrics = _metrics()
         self._eval_batches = 0
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> DiffusionOutput:

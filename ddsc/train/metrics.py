@@ -8,8 +8,6 @@ averages of per-batch ratios):
 - ``MaskedCE``: mean cross-entropy (nats) of the clean bin over masked positions, unweighted.
 - ``MaskedAccuracy``: fraction of masked positions whose argmax bin equals the clean bin.
 - ``MaskedAccuracyPM1``: fraction of masked positions whose argmax bin is within one bin of the clean bin.
-- ``CellCE`` (only with ``diffusion.cell_loss_weight`` > 0): mean cross-entropy of the cell decoder (the bins
-  predicted from the cell embedding and the gene alone) over masked positions.
 """
 
 from __future__ import annotations
@@ -70,10 +68,3 @@ class MaskedAccuracyPM1(_RatioMetric):
 
     def _parts(self, out: DiffusionOutput) -> tuple[Tensor, Tensor]:
         return out.correct_pm1, out.num_masked
-
-
-class CellCE(_RatioMetric):
-    higher_is_better = False
-
-    def _parts(self, out: DiffusionOutput) -> tuple[Tensor, Tensor]:
-        return out.cell_ce_sum, out.num_masked

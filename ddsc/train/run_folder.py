@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ddsc.config import ConfigError, from_dict, save_config, to_dict
+from ddsc.config import ConfigError, save_config, to_dict
 from ddsc.data.streaming import is_remote
 from ddsc.train.config import RunConfig
 
@@ -61,15 +61,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(saved: dict, config: RunConfig) -> None:
-    """Raise ConfigError naming the first frozen key whose value differs from the saved run's.
-
-    The saved config is first re-read through today's schema, so that a field added since (absent from an older
-    run's file) compares as its default: upgrading ddsc must not stop an older run from resuming unchanged.
-    """
-    try:
-        saved = to_dict(from_dict(RunConfig, saved))
-    except ConfigError:  # a key removed since: compare the file as it is (and name the key below)
-        pass
+    """Raise ConfigError naming the first frozen key whose value differs from the saved run's."""
     old, new = _flatten(saved), _flatten(to_dict(config))
     for key in sorted(set(old) | set(new)):
         if key.startswith(FROZEN_KEYS) and old.get(key) != new.get(key):
