@@ -7,8 +7,9 @@ are ignored and counted.
 How a cell is fed to the model. Its positions are its non-zero entries plus the entries to predict (which may
 be zero or unknown). Bins come from the *observed* entries only: a hidden count must not leak into the bin
 edges of the counts that stay visible. A cell with more positions than the model saw in training
-(``max_genes``) is split into random chunks of at most ``max_genes`` positions, every chunk seeing the same
-per-cell bins, so every entry is predicted (and embeddings average over the chunks) instead of dropping genes.
+(``max_genes``) is split into chunks of at most ``max_genes`` positions (``gene_chunks``: deterministic, a
+function of the seed and the cell's genes), every chunk seeing the same per-cell bins, so every entry is
+predicted (and embeddings combine the chunks) instead of dropping genes.
 
 Count scale. Bins are turned back into counts with a representative count per bin and cell (``bin_values``):
 for per-cell quantile bins the cell's own observed quantile at the middle of the bin, for the fixed-edge
@@ -47,7 +48,7 @@ from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.sampler_names import Method
 from ddsc.diffusion.samplers import sample
 from ddsc.errors import InputError
-from ddsc.model.conditions import ConditionValueError, encode_conditions
+from ddsc.model.conditions import ConditionValueError, column_slices, encode_conditions
 from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
 from ddsc.precision import autocast
@@ -105,6 +106,39 @@ def bin_values(counts: Tensor, observed: Tensor, cfg: BinningConfig, library_siz
         values = (middle * cfg.max_count).expand(len(counts), k)
     zeros = torch.zeros(len(counts), first, dtype=torch.float64, device=counts.device)
     return torch.cat([zeros, values], dim=1)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a fixed hash of uint64 values (numpy's uint64 arithmetic wraps mod 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _gene_keys(tokens: np.ndarray, seed: int) -> np.ndarray:
+    """A uint64 key per gene of a cell: a hash of (seed, the cell's set of genes, the gene) and nothing else, not
+    the order the genes come in (AnnData's var order), the cell's row or the other cells of its batch."""
+    seed_key = _mix64(np.array([seed % 2**64], dtype=np.uint64))
+    genes = _mix64(np.asarray(tokens).astype(np.uint64) ^ seed_key)
+    cell_key = _mix64(genes.sum(dtype=np.uint64, keepdims=True))  # a sum: the same for any order of the genes
+    return _mix64(genes ^ cell_key)
+
+
+def gene_chunks(tokens: np.ndarray, max_length: int, seed: int) -> list[np.ndarray]:
+    """A cell's positions as ``ceil(n / max_length)`` chunks of near-equal size, together all of its genes.
+
+    The positions are ordered by ``_gene_keys`` and cut along that order, so a cell gets the same model rows,
+    hence the same embedding and imputation, wherever it is; different cells are cut differently.
+    """
+    order = np.argsort(_gene_keys(tokens, seed), kind="stable")
+    return np.array_split(order, max(1, math.ceil(len(order) / max_length)))
+
+
+def held_out_half(tokens: np.ndarray, seed: int) -> np.ndarray:
+    """Bool per position: the seeded half of a cell's genes that ``embed`` hides and scores (``_gene_keys``
+    under another seed than the chunks, so each chunk hides about half of its genes)."""
+    return (_gene_keys(tokens, seed ^ 0x5EED) >> np.uint64(63)).astype(bool)
 
 
 @dataclass
@@ -291,13 +325,12 @@ class Predictor:
         return torch.from_numpy(cond).to(self.device)
 
     def _row_batches(self, cells: CellEntries, cond: Tensor, seed: int) -> Iterator[tuple[np.ndarray, RowBatch]]:
-        """Cell batches (their indices) and their model rows; long cells split into random chunks."""
-        rng = np.random.default_rng(seed)
+        """Cell batches (their indices) and their model rows; long cells split into chunks (``gene_chunks``)."""
         for start in range(0, cells.n_cells, self.batch_size):
             index = np.arange(start, min(start + self.batch_size, cells.n_cells))
-            yield index, self._rows(cells, index, cond[index], rng)
+            yield index, self._rows(cells, index, cond[index], seed)
 
-    def _rows(self, cells: CellEntries, index: np.ndarray, cond: Tensor, rng: np.random.Generator) -> RowBatch:
+    def _rows(self, cells: CellEntries, index: np.ndarray, cond: Tensor, seed: int) -> RowBatch:
         slices = [cells.cell(i) for i in index]
         gene_ids, counts, valid = pad_cells([cells.tokens[s] for s in slices], [cells.counts[s] for s in slices])
         hidden, _, _ = pad_cells([cells.hidden[s].astype(np.int64) for s in slices], [cells.counts[s] for s in slices])
@@ -307,11 +340,9 @@ class Predictor:
         expr = torch.where(observed, bins, torch.full_like(bins, self.tokens.mask))
         values = bin_values(counts, observed, self.binning, library)
 
-        chunks = []  # (cell in batch, positions within the cell)
-        for b, s in enumerate(slices):
-            n = s.stop - s.start
-            parts = max(1, math.ceil(n / self.max_length))
-            chunks += [(b, part) for part in np.array_split(rng.permutation(n) if parts > 1 else np.arange(n), parts)]
+        chunks = [  # (cell in batch, positions within the cell)
+            (b, part) for b, s in enumerate(slices) for part in gene_chunks(cells.tokens[s], self.max_length, seed)
+        ]
         width = 1 + max(len(p) for _, p in chunks)
         position = torch.full((len(chunks), width), -1, dtype=torch.long)
         for r, (_, part) in enumerate(chunks):
@@ -459,32 +490,81 @@ class Predictor:
 
     # ---------------------------------------------------------------- embed
     def embed(self, adata, layer: str | None = None, seed: int = 0, round_counts: bool = False):
-        """Cell embeddings of the clean cell (null conditions): ``obsm["X_ddsc_cls"]`` and ``obsm["X_ddsc_mean"]``.
+        """Cell embeddings of the clean cells. Output keys (``obsm``):
 
-        CLS: the ``<cls>`` position's final hidden state (averaged over a long cell's chunks); mean: the average
-        over all the cell's gene positions. A cell with no matched non-zero gene gets a CLS embedding of the
-        empty cell and a zero mean embedding (counted in ``uns["ddsc_embed"]["empty_cells"]``).
+        - ``X_ddsc_labels`` [cells, labels]: the model as a classifier of the cell (the "diffusion classifier"
+          of Li et al. 2023, arXiv:2303.16203): for every real label of every condition (``uns["ddsc_embed"]
+          ["labels"]`` names the columns, ``"condition=label"``), the mean log-likelihood per gene of the bins of a
+          seeded half of the cell's genes (``held_out_half``), hidden and predicted from the other half with
+          that label given and the other conditions null, centred over the labels of its condition. It reads
+          the one thing training shapes, the masked-bin predictions under each condition; it carries cell state
+          as far as the training labels describe it (a cell of an unseen cell line is placed relative to the
+          seen ones) and is empty for a model without conditions.
+        - ``X_ddsc_cls`` [cells, d_model]: the ``<cls>`` position's final hidden state, nothing masked, null
+          conditions; ``X_ddsc_mean``: the final hidden states averaged over the cell's genes. No loss reaches
+          these states (SUBS trains the final states of masked positions only); on the demo they separate
+          nothing (the README's embedding table). Kept for comparison.
+
+        Every gene a cell has in the vocabulary is used, deterministically: a cell longer than the model's
+        ``max_genes`` is cut into chunks (``gene_chunks``, a function of ``seed`` and the cell's genes only, not
+        of a training-time random subset) whose scores add up (``X_ddsc_labels``) or average (the others), every
+        chunk seeing the bins of the whole cell. A cell with no matched non-zero gene gets zeros in
+        ``X_ddsc_labels`` and ``X_ddsc_mean`` and the ``<cls>`` state of the empty cell
+        (``uns["ddsc_embed"]["empty_cells"]``).
         """
         cells = self.entries(adata, self.counts(adata, layer, round_counts))
-        width = self.config.d_model
-        cls = torch.zeros(cells.n_cells, width, dtype=torch.float64)
-        total = torch.zeros(cells.n_cells, width, dtype=torch.float64)
-        chunks = torch.zeros(cells.n_cells, dtype=torch.float64)
+        n, width = cells.n_cells, self.config.d_model
+        labels = [  # (cond column, label id, name) of every label of the label conditions
+            (where.start, i, f"{spec.name}={label}")
+            for spec, where in zip(self.specs, column_slices(self.specs), strict=True)
+            if spec.kind == "label"
+            for i, label in enumerate(self.labels.labels.get(spec.name, []), start=1)
+        ]
+        cls = torch.zeros(n, width, dtype=torch.float64)
+        total = torch.zeros(n, width, dtype=torch.float64)
+        chunks = torch.zeros(n, dtype=torch.float64)
+        loglik = torch.zeros(n, len(labels), dtype=torch.float64)
+        scored = torch.zeros(n, dtype=torch.float64)
         positions = torch.from_numpy(np.diff(cells.offsets)).double()
-        cond = self._cond({}, cells.n_cells)
-        with self._bar(cells.n_cells, "embed") as bar, torch.no_grad(), self._autocast():
-            for index, rows in self._row_batches(cells, cond, seed):
+        held_out = torch.from_numpy(
+            np.concatenate([np.zeros(0, bool)] + [held_out_half(cells.tokens[cells.cell(i)], seed) for i in range(n)])
+        )
+        null = self._cond({}, n)
+        with self._bar(n, "embed") as bar, torch.no_grad(), self._autocast():
+            for index, rows in self._row_batches(cells, null, seed):
                 b = rows.batch
                 h = self.model.hidden(b["gene_ids"], b["expr"], b["attention_mask"], b["cond"]).double().cpu()
                 target = torch.from_numpy(index)[rows.cell]
                 cls.index_add_(0, target, h[:, 0])
                 chunks.index_add_(0, target, torch.ones(len(target), dtype=torch.float64))
                 total.index_add_(0, target, (h * b["real"].cpu()[..., None]).sum(dim=1))
+                hide = ((rows.flat >= 0) & held_out[rows.flat.clamp(min=0)]).to(self.device)
+                expr = b["expr"].masked_fill(hide, self.tokens.mask)
+                clean = b["expr"].clamp(max=self.config.num_bins - 1)[..., None]
+                row_loglik = torch.zeros(len(target), len(labels), dtype=torch.float64)
+                for k, (column, label, _) in enumerate(labels):
+                    cond = b["cond"].clone()  # null conditions but this label
+                    cond[:, column] = label
+                    logits = self.model(b["gene_ids"], expr, b["attention_mask"], cond)
+                    ll = logits.float().log_softmax(dim=-1).gather(-1, clean).squeeze(-1)
+                    row_loglik[:, k] = (ll * hide).sum(dim=1).double().cpu()
+                loglik.index_add_(0, target, row_loglik)
+                scored.index_add_(0, target, hide.sum(dim=1).double().cpu())
                 bar.update(len(index))
+        per_gene = loglik / scored.clamp(min=1)[:, None]
+        for column in {c for c, _, _ in labels}:  # centred per condition: only differences between labels count
+            columns = [k for k, (c, _, _) in enumerate(labels) if c == column]
+            per_gene[:, columns] -= per_gene[:, columns].mean(dim=1, keepdim=True)
         out = adata.copy()
+        out.obsm["X_ddsc_labels"] = per_gene.float().numpy()
         out.obsm["X_ddsc_cls"] = (cls / chunks[:, None]).float().numpy()
         out.obsm["X_ddsc_mean"] = (total / positions.clamp(min=1)[:, None]).float().numpy()
-        out.uns["ddsc_embed"] = {"empty_cells": int((positions == 0).sum()), **self._gene_report(adata)}
+        out.uns["ddsc_embed"] = {
+            "empty_cells": int((positions == 0).sum()),
+            "labels": [name for _, _, name in labels],
+            "seed": seed,
+            **self._gene_report(adata),
+        }
         return out
 
     # ---------------------------------------------------------------- generate

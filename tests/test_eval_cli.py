@@ -205,7 +205,7 @@ def test_evaluate_h5ad(exported, tmp_path):
     embedded = anndata.read_h5ad(tmp_path / "e.h5ad")
     rows = [embedded.obs_names.get_loc(s["cell_id"]) for s in rest]
     labels = [s["drug"] for s in rest]
-    for key, name in (("X_ddsc_cls", "ddsc_cls"), ("X_ddsc_mean", "ddsc_mean")):
+    for key, name in (("X_ddsc_labels", "ddsc_labels"), ("X_ddsc_cls", "ddsc_cls"), ("X_ddsc_mean", "ddsc_mean")):
         expected = label_scores(embedded.obsm[key][rows], labels, k=3)
         assert metrics["embedding"]["drug"][name]["knn_accuracy"] == pytest.approx(expected["knn_accuracy"])
         assert metrics["embedding"]["drug"][name]["ari"] == pytest.approx(expected["ari"])

@@ -1,4 +1,6 @@
-"""Embed the cells of an .h5ad: obsm X_ddsc_cls (CLS state) and X_ddsc_mean (mean over gene positions)."""
+"""Embed the cells of an .h5ad: obsm X_ddsc_labels (the model as a classifier over its training labels, the
+embedding to use), X_ddsc_cls and X_ddsc_mean (untrained final states, for comparison); ``Predictor.embed``
+defines each."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Embedding evaluation: do ``ddsc embed`` embeddings separate the labels a user cares about?
 
 For every label column (the demo's cell line, drug and dose; any column the user names) and every embedding
-(``ddsc embed``'s ``X_ddsc_cls`` and ``X_ddsc_mean``, and the baseline: PCA-50 of log1p-normalised counts,
-the first step of every scanpy analysis), two scores on the same cells:
+(``ddsc embed``'s ``X_ddsc_labels``, ``X_ddsc_cls`` and ``X_ddsc_mean``, and the baseline: PCA-50 of
+log1p-normalised counts, the first step of every scanpy analysis), two scores on the same cells:
 
 - ``knn_accuracy``: leave-one-out k-nearest-neighbour classification (Euclidean; majority vote, a tie goes
   to the label of the nearer neighbours), with its 95% bootstrap interval over cells. Chance is about the

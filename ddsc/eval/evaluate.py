@@ -16,7 +16,7 @@ on log1p counts, see :mod:`ddsc.eval.counts`), ``best_baseline``, ``model_minus_
 ``generation`` with ``generated`` and ``reference`` (held-out real) values, in a PCA of the baseline train
 cells; ``perturbation`` (cell-eval metrics, see :mod:`ddsc.eval.perturbation`): ``predictors.{model|
 control_mean|perturbation_mean|real_half}`` with ``mean``, ``ci95`` (over groups) and ``groups``;
-``embedding.{label column}.{ddsc_cls|ddsc_mean|pca50_log1p}`` (see :mod:`ddsc.eval.embedding`);
+``embedding.{label column}.{ddsc_labels|ddsc_cls|ddsc_mean|pca50_log1p}`` (see :mod:`ddsc.eval.embedding`);
 ``ground_truth`` (demo data: the model's drug effects against the saved true ones, see
 :mod:`ddsc.eval.ground_truth`) with ``expected`` (the model's conditional mean bins), ``generated`` (sampled
 cells) and ``reference`` (real held-out cells) per "cell line|drug|dose" group, their means and per-dose means.
@@ -220,7 +220,7 @@ def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) 
         index=[f"token{t}" for t in vocab.token_ids],
     )
     out = predictor.embed(anndata.AnnData(x, var=var), seed=seed)
-    return {"ddsc_cls": out.obsm["X_ddsc_cls"], "ddsc_mean": out.obsm["X_ddsc_mean"]}
+    return {name: out.obsm[f"X_{name}"] for name in ("ddsc_labels", "ddsc_cls", "ddsc_mean")}
 
 
 def load_data(

@@ -31,6 +31,7 @@ LABELS = {
     "control_mean": "control mean",
     "perturbation_mean": "perturbation mean",
     "real_half": "real half (ceiling)",
+    "ddsc_labels": "DDSC label likelihoods",
     "ddsc_cls": "DDSC CLS",
     "ddsc_mean": "DDSC mean-pooled",
     "pca50_log1p": "PCA-50 of log1p counts",
