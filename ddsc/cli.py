@@ -12,13 +12,13 @@ import sys
 
 # subcommand -> module with ``add_arguments(parser)`` and ``run(args)``; first docstring line is the help.
 COMMANDS: dict[str, str] = {
-    "config": "ddsc.train.config_cli",
+    "config": "ddsc.commands.config",
     "check-data": "ddsc.commands.check_data",
     "export": "ddsc.commands.export",
     "impute": "ddsc.commands.impute",
     "generate": "ddsc.commands.generate",
     "embed": "ddsc.commands.embed",
-    "evaluate": "ddsc.eval.evaluate",
+    "evaluate": "ddsc.commands.evaluate",
 }
 
 

@@ -40,21 +40,20 @@ from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator, pad_cells
 from ddsc.data.labels import LabelVocab
 from ddsc.data.raw_counts import check_raw_counts, gene_names
-from ddsc.data.readers import _column
+from ddsc.data.readers import ENSEMBL_COLUMNS, var_features
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.tokens import GENE_CLS, GENE_PAD
 from ddsc.data.vocab import GeneVocab
 from ddsc.diffusion.config import DiffusionConfig
+from ddsc.diffusion.sampler_names import Method
 from ddsc.diffusion.samplers import sample
 from ddsc.errors import InputError
 from ddsc.model.export import LABELS_FILE, REQUIRED_FILES, VOCAB_FILE, WEIGHTS_FILE, check_labels
 from ddsc.model.hf import DDSCConfig, DDSCModel
 from ddsc.precision import autocast
 
-ImputeMethod = Literal["argmax", "ancestral", "first_hitting", "confidence"]
+ImputeMethod = Literal["argmax", Method]  # argmax: one forward pass; or a sampler
 Precision = Literal["auto", "fp32", "bf16"]
-ENSEMBL_COLUMNS = ("gene_ids", "ensembl_id", "gene_id", "ensembl_ids")
-SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
 
 
 def check_model_folder(model_dir: str | Path) -> Path:
@@ -74,18 +73,6 @@ def check_model_folder(model_dir: str | Path) -> Path:
     except SafetensorError as err:
         raise InputError(f"{weights}: not a complete safetensors file ({err}); export the model again") from None
     return folder
-
-
-def var_features(var) -> tuple[list[str], list[str]]:
-    """(Ensembl ids, symbols) of AnnData ``var``, with the column conventions of ``ddsc.data.readers``."""
-    index = [str(v) for v in var.index]
-    ensembl = _column(var, ENSEMBL_COLUMNS)
-    if ensembl is None and index and all(v.startswith("ENS") for v in index[:100]):
-        ensembl = index
-    symbols = _column(var, SYMBOL_COLUMNS)
-    if symbols is None:
-        symbols = [""] * len(index) if ensembl is index else index
-    return ensembl or [""] * len(index), symbols
 
 
 def row_quantiles(values: Tensor, valid: Tensor, q: Tensor) -> Tensor:
@@ -590,7 +577,7 @@ class Predictor:
         gene_panel: Sequence[str],
         conditions: dict[str, Sequence[str]] | None = None,
         n_cells: int = 1,
-        method: Literal["ancestral", "first_hitting", "confidence"] = "first_hitting",
+        method: Method = "first_hitting",
         steps: int = 32,
         temperature: float = 1.0,
         guidance_scale: float = 1.0,

@@ -48,6 +48,19 @@ def cpu_prefers_bf16() -> bool:
     return bool(choice[0])
 
 
+def cpu_auto_precision(previous: str | None = None) -> tuple[str, str]:
+    """(``precision: auto`` on CPU as "amp_bf16" or "fp32", why). ``previous``: the choice a run already made.
+
+    A run decides once, at its first launch, and keeps the answer (the trainer saves it in the run's config):
+    the probe is a timing, so a busy machine can answer differently, and a run resumed elsewhere or under load
+    must not change its numerics halfway.
+    """
+    if previous in ("fp32", "amp_bf16"):
+        return previous, "kept from the run's first launch"
+    choice = "amp_bf16" if cpu_prefers_bf16() else "fp32"
+    return choice, f"bf16 matmuls measured {cpu_bf16_speedup():.2f}x the speed of fp32 on this CPU"
+
+
 def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast to ``dtype`` on ``device_type``, the type of the data's device (never a literal); None: off."""
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

@@ -132,3 +132,21 @@ def test_base_chain_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
         load_config(RunConfig, tmp_path / "c.yaml")
+
+
+def test_a_run_saved_before_a_key_existed_resumes_and_a_changed_frozen_key_does_not():
+    from ddsc.train.run_folder import check_compatible
+
+    config = load_config(RunConfig, PROD)
+    saved = to_dict(config)
+    del saved["model"]["attention"]  # an older run's config.yaml: written before model.attention existed
+    check_compatible(saved, config)  # compares as the default ("unpadded"): the run resumes
+    saved["model"]["attention"] = "masked"
+    with pytest.raises(ConfigError, match="'model.attention' was 'masked' in the saved run but is 'unpadded' now"):
+        check_compatible(saved, config)
+    del saved["model"]["attention"]
+    saved["model"]["retired_option"] = 3  # a key removed since
+    with pytest.raises(
+        ConfigError, match="saved run's config.yaml does not fit this version: .*'model.retired_option'"
+    ):
+        check_compatible(saved, config)

@@ -111,3 +111,11 @@ def test_schedule_weight_is_minus_alpha_prime_over_one_minus_alpha(schedule):
     torch.testing.assert_close(s.weight(t), -grad / (1 - s.alpha(t)))
     ends = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(ends, torch.tensor([1.0, 1e-3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "linear"])
+def test_time_of_inverts_the_masked_fraction(schedule):
+    s = make_schedule(DiffusionConfig(schedule=schedule, eps=1e-3))
+    t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+    torch.testing.assert_close(s.time_of(1 - s.alpha(t)), t, rtol=0, atol=1e-7)
+    assert s.time_of(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(1.0, abs=1e-12)  # all masked

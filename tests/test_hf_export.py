@@ -24,10 +24,11 @@ from ddsc.config import from_dict
 from ddsc.data.collator import CellCollator
 from ddsc.data.labels import LabelVocab
 from ddsc.data.vocab import GeneVocab
-from ddsc.model.checkpoints import read_model_state, strip_wrappers
-from ddsc.model.export import export_checkpoint, relative_imports, remote_code_sources
+from ddsc.model.export import relative_imports, remote_code_sources
 from ddsc.model.hf import DDSCConfig, DDSCModel
+from ddsc.train.checkpoints import read_model_state, strip_wrappers
 from ddsc.train.config import RunConfig
+from ddsc.train.export import export_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_data import write_mds  # noqa: E402
@@ -118,7 +119,7 @@ def composer_run(data, tmp_path_factory):
     from ddsc.train.callbacks import SaveResolvedConfig
     from ddsc.train.composer_model import DDSCComposerModel
     from ddsc.train.hf_export_callback import HFExport
-    from ddsc.train.trainer import build_loaders, load_labels, resolve_run_config
+    from ddsc.train.run import build_loaders, load_labels, resolve_run_config
 
     save = tmp_path_factory.mktemp("run")
     config = resolve_run_config(run_config(data, save))
@@ -273,7 +274,7 @@ def test_deepspeed_zero_checkpoint_export(data, tmp_path):
                           LOCAL_RANK="0", WORLD_SIZE="1")
         import deepspeed, torch
         from safetensors.torch import save_file
-        from ddsc.train.trainer import resolve_run_config
+        from ddsc.train.run import resolve_run_config
         from pathlib import Path
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -294,7 +295,7 @@ def test_deepspeed_zero_checkpoint_export(data, tmp_path):
     """)
     (tmp_path / "ds").mkdir()  # the run config is written beside the checkpoint, as a trainer does
     from ddsc.config import save_config
-    from ddsc.train.trainer import resolve_run_config
+    from ddsc.train.run import resolve_run_config
 
     save_config(resolve_run_config(run_config(data, tmp_path / "ds")), tmp_path / "ds" / "config.yaml")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)

@@ -21,6 +21,7 @@ from ddsc.precision import BF16_MIN_SPEEDUP, autocast, cpu_bf16_speedup
 from ddsc.train.builders import resolve_precision
 from ddsc.train.config import RunConfig, TrainerConfig
 from ddsc.train.deepspeed_engine import DeepSpeedPrecision, deepspeed_config, deepspeed_precision
+from ddsc.train.run import settle_cpu_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,14 @@ def test_cpu_precision_follows_the_measured_bf16_speed():
     assert resolve_precision(TrainerConfig(precision="fp32"), "cpu") == ("fp32", None)
     with pytest.raises(ConfigError, match="amp_fp16 needs a GPU"):
         resolve_precision(TrainerConfig(precision="amp_fp16"), "cpu")
+
+
+def test_cpu_auto_precision_is_decided_once_per_run():
+    measured = "amp_bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+    assert settle_cpu_precision(None) == measured  # a fresh run measures
+    assert settle_cpu_precision({"trainer": {"precision": "auto"}}) == measured
+    for saved in ("fp32", "amp_bf16"):  # a resumed run keeps its first launch's answer
+        assert settle_cpu_precision({"trainer": {"precision": saved}}) == saved
 
 
 def test_autocast_follows_the_data_device():

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from ddsc.data.tokens import GENE_CLS, ExpressionTokens
+from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.samplers import guided_log_probs, sample
+from ddsc.diffusion.schedule import make_schedule
 from ddsc.model.config import ConditionConfig, ModelConfig
 from ddsc.model.dit import DiT
 
@@ -164,3 +166,23 @@ def test_dit_inpainting_all_methods_and_mode_restored():
         assert (out.expr[batch["real"]] < 5).all()
         assert out.nfe <= 8 and out.nfe % 2 == 0  # guided: two passes per evaluation
     assert model.training
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
+def test_ordered_samplers_give_a_time_conditioned_model_the_schedules_time(schedule):
+    """first_hitting / confidence tell the model the t at which the configured schedule masks the fraction of
+    tokens still masked: for cosine that is not the fraction itself."""
+    seen = []
+
+    class Recorder(JointOracle):
+        def forward(self, gene_ids, expr, attention_mask, cond=None, t=None):
+            seen.append(t.clone())
+            return super().forward(gene_ids, expr, attention_mask, cond, t)
+
+    diffusion = DiffusionConfig(schedule=schedule)
+    for method in ("first_hitting", "confidence"):
+        seen.clear()
+        sample(Recorder(time_conditioning=True), two_gene_batch(n=1), method=method, steps=2, diffusion=diffusion)
+        expected = make_schedule(diffusion).time_of(torch.tensor([1.0, 0.5], dtype=torch.float64))
+        torch.testing.assert_close(torch.cat(seen).double(), expected, rtol=0, atol=1e-6)
+    assert (expected[1].item() - 0.5 > 0.1) == (schedule == "cosine")  # cosine masks slowly at first

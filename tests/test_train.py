@@ -130,11 +130,14 @@ def test_kill9_at_three_random_points_then_autoresume_matches_uninterrupted(run_
     args = [*TRAIN, str(config), f"trainer.save_folder={crash}", "trainer.save_interval=1ba", *EXPORT]
     rng = random.Random(18)
     for batch in sorted(rng.sample(range(2, 15), 3)):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp / f"launch_to_ba{batch}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 120
         while not list(crash.glob(f"ep*-ba{batch}-rank0.pt")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.05))
+        assert proc.poll() is None, f"the launch ended by itself before batch {batch}: {log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         assert not (crash / "ep1-ba16-rank0.pt").exists()  # really killed mid-run
@@ -165,10 +168,11 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
 def test_a_finished_run_relaunched_reports_complete_and_changes_nothing(run_dir, reference):
     tmp, config = run_dir
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
-    done = subprocess.run(
-        [*TRAIN, str(config), f"trainer.save_folder={reference}", *EXPORT], capture_output=True, text=True
-    )
+    relaunch = [*TRAIN, str(config), f"trainer.save_folder={reference}", *EXPORT, "trainer.precision=auto"]
+    done = subprocess.run(relaunch, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    # auto keeps the precision the run was trained with, whatever this CPU's bf16 probe says today
+    assert "precision auto: amp_bf16 (kept from the run's first launch)" in done.stdout.splitlines()
     assert done.stdout.splitlines()[-1] == "run already complete: 16 batches (128 cells) trained; nothing to do"
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
 

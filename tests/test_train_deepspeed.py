@@ -18,8 +18,8 @@ from train_data import write_mds
 
 from ddsc.cli import main as cli_main
 from ddsc.config import ConfigError, load_config
-from ddsc.model.checkpoints import read_model_state
 from ddsc.model.hf import DDSCModel
+from ddsc.train.checkpoints import read_model_state
 from ddsc.train.config import RunConfig
 from ddsc.train.deepspeed_engine import DeepSpeedPrecision, check_deepspeed, deepspeed_config
 

@@ -19,10 +19,10 @@ from train_data import write_mds
 
 from ddsc.config import load_config
 from ddsc.diffusion.samplers import sample
-from ddsc.model.checkpoints import read_model_state
 from ddsc.model.dit import DiT
+from ddsc.train.checkpoints import read_model_state
 from ddsc.train.config import RunConfig
-from ddsc.train.trainer import build_loaders, build_preview, resolve_run_config
+from ddsc.train.run import build_loaders, build_preview, resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"\[metric\]\[batch=(\d+)\]: (\S+): (\S+)")

@@ -16,7 +16,7 @@ from test_train import tiny_config
 from train_data import write_mds
 
 from ddsc.data.streaming import HostShare, _own_shm_prefixes
-from ddsc.model.checkpoints import read_model_state
+from ddsc.train.checkpoints import read_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSER = Path(sys.executable).with_name("composer")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gc
 
 import pytest
-from streaming.base.util import clean_stale_shared_memory
 from train_data import write_mds
 
 from ddsc.config import ConfigError
+from ddsc.data.config import DataConfig, StreamConfig
 from ddsc.data.streaming import build_dataloader, check_streams
-from ddsc.train.config import DataConfig, StreamConfig
 
 
 def _ids(batch):
@@ -36,10 +35,12 @@ def _epoch(loader, skip_batches=0):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_shared_memory():
+def _release_shared_memory():
+    """Each test's datasets release their shared memory when collected. (Not Streaming's
+    ``clean_stale_shared_memory``: it unlinks the shared memory of every Streaming process on the machine,
+    so it would break any training running beside the suite.)"""
     yield
     gc.collect()
-    clean_stale_shared_memory()
 
 
 def test_mid_epoch_resume_continues_exactly(tmp_path):

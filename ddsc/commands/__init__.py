@@ -1,1 +1,1 @@
-"""``ddsc`` subcommands for using a trained model: export, impute, generate, embed."""
+"""``ddsc`` subcommands: argument parsing and a call into the library, one module per command."""

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddsc.model.export import export_checkpoint
+    from ddsc.train.export import export_checkpoint
 
     summary = export_checkpoint(args.checkpoint, args.out, args.config, args.vocab, args.labels)
     print(summary.format())

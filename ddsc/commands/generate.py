@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ddsc.commands.model_args import add_model_arguments, load_predictor, write_output
+from ddsc.diffusion.sampler_names import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMN=VALUE",
         help="e.g. --condition cell_line_id=CVCL_0023 --condition drug=DMSO_TF (repeatable)",
     )
-    parser.add_argument("--method", default="first_hitting", choices=["ancestral", "first_hitting", "confidence"])
+    parser.add_argument("--method", default="first_hitting", choices=METHODS)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")

@@ -15,6 +15,7 @@ from ddsc.commands.model_args import (
     read_input,
     write_output,
 )
+from ddsc.diffusion.sampler_names import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-fraction", type=float, help="hide this fraction of each cell's non-zero entries")
     parser.add_argument("--mask-layer", help="boolean layer of entries to hide")
     parser.add_argument("--genes", help="comma-separated var names to hide (and predict) in every cell")
-    parser.add_argument("--method", default="argmax", choices=["argmax", "ancestral", "first_hitting", "confidence"])
+    parser.add_argument("--method", default="argmax", choices=["argmax", *METHODS])
     parser.add_argument("--steps", type=int, default=16, help="sampler steps (not used by argmax)")
     parser.add_argument("--temperature", type=float, default=1.0)
 

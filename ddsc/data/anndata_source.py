@@ -22,9 +22,6 @@ from ddsc.data.readers import CountMatrix, open_counts
 from ddsc.data.schema import METADATA_COLUMNS
 from ddsc.data.vocab import GeneVocab
 
-# Schema columns filled from the reader itself, never from obs.
-_OWN_COLUMNS = ("barcode", "source")
-
 
 @dataclass
 class FeatureMapping:

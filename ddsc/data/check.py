@@ -29,12 +29,12 @@ from streaming.base.format import reader_from_json
 from streaming.base.hashing import get_hash, is_hash
 
 from ddsc.data.checked_dataset import CorruptShardError
+from ddsc.data.config import DataConfig
 from ddsc.data.mds_convert import INDEX_FILE
 from ddsc.data.schema import MDS_COLUMNS, SUMMARY_FILE
 from ddsc.data.splits import SPLITS
 from ddsc.data.streaming import is_remote, stream_root
 from ddsc.errors import InputError
-from ddsc.train.config import DataConfig
 
 DECODED_PER_SHARD = 16  # samples decoded per shard unless every one is asked for
 

@@ -143,15 +143,7 @@ def _open_h5ad(path: str, layer: str) -> CountMatrix:
         raise ValueError(f"{path}: {key} is {x.attrs.get('encoding-type')}; save it as CSR (or dense) to stream it")
     obs = read_elem(f["obs"])
     var = read_elem(f["raw/var" if layer == "raw" else "var"])
-    index = [str(v) for v in var.index]
-    ensembl = _column(var, ("gene_ids", "ensembl_id", "gene_id", "ensembl_ids"))
-    if ensembl is None and index and all(v.startswith("ENS") for v in index[:100]):
-        ensembl = index
-    symbols = _column(var, ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol"))
-    if symbols is None:  # the index holds symbols unless it held the Ensembl ids
-        symbols = [""] * len(index) if ensembl is index else index
-    if ensembl is None:
-        ensembl = [""] * len(index)
+    ensembl, symbols = var_features(var)
     n_cells = x.shape[0] if isinstance(x, h5py.Dataset) else int(x.attrs["shape"][0])
     obs_strings = {str(c): [_to_str(v) for v in obs[c].tolist()] for c in obs.columns}
     return CountMatrix(path, n_cells, ensembl, symbols, [str(i) for i in obs.index], obs_strings, _file=f, _x=x)
@@ -162,6 +154,24 @@ def _to_str(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
     return format(value, "g") if isinstance(value, float) else str(value)
+
+
+ENSEMBL_COLUMNS = ("gene_ids", "ensembl_id", "gene_id", "ensembl_ids")
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
+
+
+def var_features(var) -> tuple[list[str], list[str]]:
+    """(Ensembl ids, symbols) of an AnnData ``var`` table; "" where unknown. The first column found of
+    ``ENSEMBL_COLUMNS`` / ``SYMBOL_COLUMNS``, else the index: Ensembl ids when it looks like them (``ENS...``),
+    otherwise symbols."""
+    index = [str(v) for v in var.index]
+    ensembl = _column(var, ENSEMBL_COLUMNS)
+    if ensembl is None and index and all(v.startswith("ENS") for v in index[:100]):
+        ensembl = index
+    symbols = _column(var, SYMBOL_COLUMNS)
+    if symbols is None:  # the index holds symbols unless it held the Ensembl ids
+        symbols = [""] * len(index) if ensembl is index else index
+    return ensembl or [""] * len(index), symbols
 
 
 def _column(var, names: tuple[str, ...]) -> list[str] | None:

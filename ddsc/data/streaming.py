@@ -33,7 +33,7 @@ from streaming.base.shared import prefix as shm_prefix
 
 from ddsc.config import ConfigError
 from ddsc.data.checked_dataset import CheckedStreamingDataset
-from ddsc.train.config import DataConfig, StreamConfig
+from ddsc.data.config import DataConfig, StreamConfig
 
 
 def is_remote(path: str) -> bool:

@@ -1,6 +1,6 @@
 """Reading Tahoe-100M expression shards (parquet) into validated cell batches.
 
-The contract (see DESIGN.md): ``genes`` list<int64> token ids and ``expressions`` list<float32> raw UMI
+The Tahoe-100M input contract: ``genes`` list<int64> token ids and ``expressions`` list<float32> raw UMI
 counts of the cell's non-zero genes, each row led by a ``<cls>`` marker (``genes[0] == 1``,
 ``expressions[0] == -2``) that is verified and stripped here; string metadata per cell; the dose is not in
 the shards but in ``sample_metadata.parquet`` (``drugname_drugconc``, a Python literal per ``sample``).

@@ -30,16 +30,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.config import DiffusionConfig
-from ddsc.diffusion.schedule import make_schedule
-
-Method = Literal["ancestral", "first_hitting", "confidence"]
+from ddsc.diffusion.sampler_names import METHODS, Method
+from ddsc.diffusion.schedule import Schedule, make_schedule
 
 
 @dataclass
@@ -134,8 +132,8 @@ def sample(
     """Generate bins at ``batch["real"] & ~observed`` positions (all real positions when ``observed`` is None).
 
     ``batch`` is a collator-style dict (``gene_ids``, ``attention_mask``, ``real``, ``cond``, and ``expr``
-    holding the observed bins). ``diffusion`` gives the schedule of the ancestral sampler (default: MDLM's
-    log-linear, eps = 1e-3). ``model`` is a DiT (anything with its forward signature and a ``cfg``/``config``
+    holding the observed bins). ``diffusion`` gives the schedule (default: MDLM's log-linear, eps = 1e-3): the
+    ancestral sampler's unmasking probabilities, and for every sampler the t a time-conditioned model is given. ``model`` is a DiT (anything with its forward signature and a ``cfg``/``config``
     carrying ``num_bins``).
     """
     if steps < 1:
@@ -148,13 +146,14 @@ def sample(
         raise ValueError("observed positions must hold expression bins (not mask / pad / cls tokens)")
     x = batch["expr"].masked_fill(generate, tokens.mask)
     denoise = _Denoiser(model, batch, guidance_scale, temperature)
+    schedule = make_schedule(diffusion or DiffusionConfig())
     if method == "ancestral":
         cache = not getattr(config, "time_conditioning", False)
-        step = _ancestral_step(denoise, tokens, diffusion or DiffusionConfig(), steps, len(x), cache)
+        step = _ancestral_step(denoise, tokens, schedule, steps, len(x), cache)
     elif method in ("first_hitting", "confidence"):
-        step = _ordered_step(denoise, tokens, generate, steps, by_confidence=method == "confidence")
+        step = _ordered_step(denoise, tokens, schedule, generate, steps, by_confidence=method == "confidence")
     else:
-        raise ValueError(f"unknown sampling method {method!r} (ancestral, first_hitting, confidence)")
+        raise ValueError(f"unknown sampling method {method!r} ({', '.join(METHODS)})")
     trajectory = [x.clone()] if return_trajectory else None
     with _evaluation(model):
         for i in range(steps):
@@ -167,11 +166,11 @@ def sample(
 
 
 def _ancestral_step(
-    denoise: _Denoiser, tokens: ExpressionTokens, diffusion: DiffusionConfig, steps: int, batch_size: int, cache: bool
+    denoise: _Denoiser, tokens: ExpressionTokens, schedule: Schedule, steps: int, batch_size: int, cache: bool
 ):
     """Step function of the reverse process, with per-cell prediction caching when ``cache``."""
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    alphas = make_schedule(diffusion).alpha(times)
+    alphas = schedule.alpha(times)
     alphas[-1] = 1.0  # t = 0: everything still masked is unmasked in the last step
     predictions: Tensor | None = None  # [B, L, K] float64, allocated at the first evaluation
     stale = torch.ones(batch_size, dtype=torch.bool)
@@ -199,7 +198,9 @@ def _ancestral_step(
     return step
 
 
-def _ordered_step(denoise: _Denoiser, tokens: ExpressionTokens, generate: Tensor, steps: int, by_confidence: bool):
+def _ordered_step(
+    denoise: _Denoiser, tokens: ExpressionTokens, schedule: Schedule, generate: Tensor, steps: int, by_confidence: bool
+):
     """Step function that commits ``ceil(masked / steps left)`` tokens of each cell per step."""
     total = generate.sum(dim=1).clamp(min=1)
 
@@ -210,8 +211,8 @@ def _ordered_step(denoise: _Denoiser, tokens: ExpressionTokens, generate: Tensor
         if not len(rows):
             return x
         masked, remaining, current = masked[rows], remaining[rows], x[rows]
-        # For a time-conditioned denoiser: the time at which this fraction is masked (log-linear schedule).
-        log_probs = denoise(rows, current, (remaining / total[rows]).float())
+        # For a time-conditioned denoiser: the time at which the schedule masks this fraction of the tokens.
+        log_probs = denoise(rows, current, schedule.time_of(remaining.double() / total[rows]).float())
         drawn = gumbel_argmax(log_probs, generator)
         if by_confidence:
             score = log_probs.gather(-1, drawn[..., None]).squeeze(-1)

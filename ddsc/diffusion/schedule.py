@@ -39,6 +39,18 @@ class Schedule:
             return -(1 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
         return -math.log(1 / self.eps) * self.alpha(t)
 
+    def time_of(self, masked_fraction: Tensor) -> Tensor:
+        """The t at which a token is masked with probability ``masked_fraction`` (``1 - alpha(t)``), in
+        ``[0, 1]``: the inverse of ``1 - alpha``, closed form per schedule (a fraction above ``1 - eps`` -> 1)."""
+        m = masked_fraction.clamp(0.0, 1 - self.eps)
+        if self.name == "loglinear":
+            t = m / (1 - self.eps)
+        elif self.name == "cosine":
+            t = torch.acos(1 - m / (1 - self.eps)) * (2 / math.pi)
+        else:
+            t = -torch.log1p(-m) / math.log(1 / self.eps)
+        return t.clamp(0.0, 1.0)
+
     def weight(self, t: Tensor) -> Tensor:
         """NELBO weight per masked token, ``-alpha'(t) / (1 - alpha(t))`` (1/t for loglinear)."""
         if self.name == "loglinear":

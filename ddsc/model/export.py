@@ -1,4 +1,6 @@
-"""Training checkpoint -> Hugging Face folder that loads with or without ``ddsc`` installed.
+"""A DiT -> a Hugging Face folder that loads with or without ``ddsc`` installed.
+
+(From a training checkpoint: ``ddsc.train.export``.)
 
 Folder layout (``write_hf_folder``)::
 
@@ -17,21 +19,18 @@ when complete, so an interrupted export never leaves a folder that looks finishe
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ddsc.config import load_config, to_dict
+from ddsc.config import to_dict
 from ddsc.data import tokens as tokens_module
 from ddsc.data.labels import LabelVocab
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.vocab import GeneVocab
-from ddsc.done import StepInputs
 from ddsc.model import config as model_config_module
 from ddsc.model import dit as dit_module
 from ddsc.model import hf as hf_module
@@ -130,94 +129,4 @@ def hf_config_from_run(run) -> DDSCConfig:
         max_genes=run.data.max_length,
         binning=to_dict(run.data.binning),
         diffusion=to_dict(run.diffusion),
-    )
-
-
-@dataclass
-class ExportSummary:
-    out: Path
-    checkpoint_kind: str
-    num_params: int
-    genes: int
-    conditions: dict[str, int]
-    up_to_date: bool = False  # the folder was already exported from the same files: nothing written
-
-    def format(self) -> str:
-        if self.up_to_date:
-            return f"{self.out} is up to date with its {self.checkpoint_kind} checkpoint; nothing to do"
-        conds = ", ".join(f"{k} ({v} labels)" for k, v in self.conditions.items()) or "none"
-        return (
-            f"exported {self.checkpoint_kind} checkpoint -> {self.out}: {self.num_params:,} parameters, "
-            f"{self.genes:,} genes in the vocabulary, conditions: {conds}"
-        )
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    config_path: str | Path | None = None,
-    vocab_path: str | Path | None = None,
-    labels_path: str | Path | None = None,
-) -> ExportSummary:
-    """Export a Composer (monolithic / sharded) or DeepSpeed ZeRO checkpoint to an HF folder.
-
-    The run config defaults to ``config.yaml`` in the run's save folder, the vocabulary and labels to the
-    files beside the training data (``data.labels`` for the labels when set). A folder already exported from
-    the same files (``ddsc.done``) is left as it is.
-    """
-    from ddsc.model.checkpoints import (
-        checkpoint_kind,
-        find_run_config,
-        read_model_state,
-        resolve_checkpoint,
-        verify_checkpoint,
-    )
-    from ddsc.train.assets import fetch_assets, local_path
-    from ddsc.train.config import RunConfig
-    from ddsc.train.trainer import load_labels, resolve_model_config
-
-    kind = checkpoint_kind(checkpoint)
-    verify_checkpoint(checkpoint)  # first: a corrupt checkpoint is the problem to report, whatever else is
-    config_path = config_path or find_run_config(checkpoint)
-    if config_path is None:
-        raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
-    run = load_config(RunConfig, config_path)
-    data = dataclasses.replace(
-        run.data,
-        labels=str(labels_path) if labels_path else run.data.labels,
-        vocab=str(vocab_path) if vocab_path else run.data.vocab,
-    )
-    run = dataclasses.replace(run, data=data)
-    fetch_assets(run)  # remote vocabularies (the data in object storage) into the run's cache folder
-    labels = load_labels(run)  # data.labels, else labels.json beside the data when the model has conditions
-    run = dataclasses.replace(run, model=resolve_model_config(run.model, labels))
-    vocab_path = local_path(run, VOCAB_FILE)
-    if not Path(vocab_path).is_file():
-        raise FileNotFoundError(f"gene vocabulary not found ({vocab_path}); pass --vocab")
-    vocab = GeneVocab.from_json(vocab_path)
-    labels_file = local_path(run, LABELS_FILE) if run.model.conditions else None
-    inputs = StepInputs.of([resolve_checkpoint(checkpoint), config_path, vocab_path, labels_file], {})
-    if inputs.done_in(out):
-        return ExportSummary(Path(out), kind, 0, vocab.num_genes, {}, up_to_date=True)
-
-    state = read_model_state(checkpoint, verify=False)
-    model = DDSCModel(hf_config_from_run(run))
-    expected = {k: v.shape for k, v in model.dit.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or resized:
-        problems = {"missing": missing, "unexpected": unexpected, "with another shape": resized}
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}" for what, keys in problems.items() if keys
-        )
-        raise ValueError(f"{checkpoint}: weights do not match the run config {config_path} ({detail})")
-    model.dit.load_state_dict(state)
-    write_hf_folder(model, out, vocab, labels, run)
-    inputs.mark_done(out)
-    return ExportSummary(
-        out=Path(out),
-        checkpoint_kind=kind,
-        num_params=model.dit.num_params(),
-        genes=vocab.num_genes,
-        conditions={c.name: c.num_labels for c in run.model.conditions},
     )

@@ -7,14 +7,14 @@ before we got here, so these functions only translate.
 
 from __future__ import annotations
 
-import math
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from composer.algorithms import EMA, GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
-from composer.core import Algorithm, Callback, Time, TimeUnit
+from composer.core import Algorithm, Callback, Time, Timestamp, TimeUnit
 from composer.loggers import FileLogger, LoggerDestination, WandBLogger
 from composer.optim import (
     ComposerScheduler,
@@ -26,7 +26,7 @@ from composer.optim import (
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
 from ddsc.config import ConfigError, to_dict
-from ddsc.precision import cpu_prefers_bf16
+from ddsc.precision import cpu_auto_precision
 from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
 from ddsc.train.throughput import TokenRates
 
@@ -56,7 +56,9 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
         return want, None
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: amp_fp16 needs a GPU (use amp_bf16 or auto on CPU)")
-    if want == "amp_bf16" or (want == "auto" and cpu_prefers_bf16()):
+    if want == "auto":  # the trainer settles it per run before this (trainer.settle_cpu_precision)
+        want = cpu_auto_precision()[0]
+    if want == "amp_bf16":
         return "fp32", torch.bfloat16
     return "fp32", None
 
@@ -104,26 +106,17 @@ def batches(duration: str, key: str) -> int:
 
 
 def lr_multiplier(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
-    """The LR multiplier that the Composer engine applies during batch ``step`` (0-based), for the DeepSpeed engine.
+    """The LR multiplier that the Composer engine applies during batch ``step`` (0-based), for the DeepSpeed engine:
+    Composer's own scheduler (``build_scheduler``) evaluated on the few fields of a ``State`` it reads.
 
     Composer 0.32 steps the scheduler at the end of a batch *before* advancing its batch counter, so batch
     ``k >= 1`` trains with the curve's value at ``k - 1`` (batch 0 and 1 both use the value at 0). Reproducing
     that lag keeps both engines on the same trajectory, batch for batch.
     """
-    return _curve(cfg, max(step - 1, 0), max_steps)
-
-
-def _curve(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
-    """``build_scheduler(cfg)`` evaluated at batch ``step`` of a ``max_steps``-batch run."""
-    warmup = batches(cfg.t_warmup, "scheduler.t_warmup")
-    if step < warmup:
-        return step / warmup
-    if cfg.name == "constant_with_warmup":
-        return 1.0
-    frac = min(1.0, (step - warmup) / (max_steps - warmup)) if max_steps > warmup else 0.0
-    if cfg.name == "linear_with_warmup":
-        return 1.0 + frac * (cfg.alpha_f - 1.0)
-    return cfg.alpha_f + (1.0 - cfg.alpha_f) * (1.0 + math.cos(frac * math.pi)) / 2.0
+    state = SimpleNamespace(
+        max_duration=Time(max_steps, TimeUnit.BATCH), timestamp=Timestamp(batch=max(step - 1, 0)), dataloader_len=None
+    )
+    return float(build_scheduler(cfg)(state))
 
 
 def build_algorithms(trainer: TrainerConfig) -> list[Algorithm]:

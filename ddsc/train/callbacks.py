@@ -32,6 +32,11 @@ class ResetEvalNoise(Callback):
         model.reset_eval_noise()
 
 
+def batch_seed(seed: int, rank: int, batch: int) -> int:
+    """The torch seed of one rank's batch, for both engines (a tuple's hash: the same in every process)."""
+    return hash((seed, rank, batch)) % 2**63
+
+
 class SeedEachBatch(Callback):
     """Seed torch's RNG from (seed, rank, batch) before every batch: diffusion times, masks and condition dropout
     become a function of the step, so a resumed run draws exactly what the uninterrupted run drew.
@@ -44,4 +49,4 @@ class SeedEachBatch(Callback):
         self.seed = seed
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        torch.manual_seed(hash((self.seed, dist.get_global_rank(), int(state.timestamp.batch))) % 2**63)
+        torch.manual_seed(batch_seed(self.seed, dist.get_global_rank(), int(state.timestamp.batch)))

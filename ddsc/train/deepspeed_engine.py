@@ -35,13 +35,14 @@ from typing import Any
 import torch
 
 from ddsc.config import ConfigError
-from ddsc.precision import cpu_prefers_bf16, enable_tf32
+from ddsc.precision import cpu_auto_precision, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
+from ddsc.train.callbacks import batch_seed
 from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
 from ddsc.train.config import RunConfig
 from ddsc.train.metric_log import MetricLog
+from ddsc.train.run import TrainSummary, build_loaders, prepare_run
 from ddsc.train.run_folder import write_config
-from ddsc.train.trainer import TrainSummary
 
 TAG_PREFIX = "ba"
 
@@ -60,7 +61,7 @@ def deepspeed_precision(config: RunConfig, device: str) -> DeepSpeedPrecision:
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: the deepspeed engine supports amp_bf16, auto or fp32 (not amp_fp16)")
     if want == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_prefers_bf16()
+        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_auto_precision()[0] == "amp_bf16"
     else:
         bf16 = want == "amp_bf16"
     if not bf16:
@@ -165,7 +166,6 @@ class DeepSpeedRun:
         from ddsc.train.builders import build_optimizer, resolve_device
         from ddsc.train.composer_model import DDSCComposerModel
         from ddsc.train.run_folder import resolve_save_folder
-        from ddsc.train.trainer import build_loaders, prepare_run
 
         trainer = config.trainer
         self.device = resolve_device(trainer)
@@ -174,7 +174,7 @@ class DeepSpeedRun:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             enable_tf32()
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "gpu" else "gloo")
-        self.config = config = prepare_run(config)
+        self.config = config = prepare_run(config, self.device)
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
         self.eval_every = batches(trainer.eval_interval, "trainer.eval_interval")
@@ -243,8 +243,8 @@ class DeepSpeedRun:
 
     def train_batch(self, batch: dict) -> dict[str, float]:
         """One optimizer step over the microbatches of this rank's batch; returns the batch's train metrics."""
-        seed = hash((self.config.trainer.seed, self.rank, self.progress.batch)) % 2**63
-        torch.manual_seed(seed)  # noise is a function of the step (resumes draw what the first run drew)
+        # noise is a function of the step (resumes draw what the first run drew), as in the Composer engine
+        torch.manual_seed(batch_seed(self.config.trainer.seed, self.rank, self.progress.batch))
         self.engine.train()
         metrics = self.model.get_metrics(is_train=True)
         for metric in metrics.values():

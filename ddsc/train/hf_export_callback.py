@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ddsc.data.labels import LabelVocab
 from ddsc.data.vocab import GeneVocab
-from ddsc.model.checkpoints import strip_wrappers
 from ddsc.model.export import hf_config_from_run, write_hf_folder
 from ddsc.model.hf import DDSCModel
+from ddsc.train.checkpoints import strip_wrappers
 
 
 class HFExport(Callback):

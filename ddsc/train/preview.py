@@ -21,7 +21,8 @@ from composer.utils import dist
 from torch import Tensor
 
 from ddsc.diffusion.config import DiffusionConfig
-from ddsc.diffusion.samplers import Method, sample
+from ddsc.diffusion.sampler_names import Method
+from ddsc.diffusion.samplers import sample
 
 PREVIEW_KEYS = ("gene_ids", "expr", "real", "attention_mask", "cond")
 

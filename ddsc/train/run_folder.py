@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ddsc.config import ConfigError, save_config, to_dict
+from ddsc.config import ConfigError, from_dict, save_config, to_dict
 from ddsc.data.streaming import is_remote
 from ddsc.train.config import RunConfig
 
@@ -61,7 +61,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(saved: dict, config: RunConfig) -> None:
-    """Raise ConfigError naming the first frozen key whose value differs from the saved run's."""
+    """Raise ConfigError naming the first frozen key whose value differs from the saved run's.
+
+    The saved config is first read through today's schema, so a key added since (absent from an older run's
+    file) compares as its default: upgrading ddsc must not stop an older run from resuming unchanged. A saved
+    file the schema no longer reads (a key removed since) stops the resume with the schema's message.
+    """
+    try:
+        saved = to_dict(from_dict(RunConfig, saved))
+    except ConfigError as err:
+        raise ConfigError(f"cannot resume: the saved run's config.yaml does not fit this version: {err}") from None
     old, new = _flatten(saved), _flatten(to_dict(config))
     for key in sorted(set(old) | set(new)):
         if key.startswith(FROZEN_KEYS) and old.get(key) != new.get(key):

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddsc.train.checkpoint_integrity import CorruptCheckpointError, composer_problem, deepspeed_problem
+
 # Wrapper prefixes anywhere in a key (DDP, torch.compile, activation checkpointing) and the DiT's attribute in
 # DDSCComposerModel (``model.``), removed in that order.
 _WRAPPERS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
@@ -113,8 +115,6 @@ def _read_deepspeed(path: Path) -> dict[str, Tensor]:
 def verify_checkpoint(path: str | Path) -> None:
     """Raise ``CorruptCheckpointError`` naming the checkpoint when it would not load (truncated, bytes changed,
     never finished), before any reader fails on it with its own error (``ddsc.train.checkpoint_integrity``)."""
-    from ddsc.train.checkpoint_integrity import CorruptCheckpointError, composer_problem, deepspeed_problem
-
     resolved = resolve_checkpoint(path)
     if checkpoint_kind(path) == "deepspeed":
         latest = resolved / "latest"
