@@ -163,11 +163,12 @@ def test_evaluate_mds_folder(exported, tmp_path):
     assert pert["num_groups"] >= 1  # drugX vs DMSO_TF in the synthetic cells
     assert set(pert["predictors"]) == {"model", "control_mean", "perturbation_mean", "real_half"}
     assert all(key.endswith("|drugX") for key in pert["predictors"]["model"]["groups"])  # no dose in these cells
-    # the cells carry cell lines and drugs: both label the embeddings (CLS, mean-pooled and the PCA baseline)
+    # the cells carry cell lines and drugs: both label the embeddings (ddsc embed's three and the PCA baseline)
     assert set(metrics["embedding"]) == {"cell_line_id", "drug"}
     assert set(metrics["embedding"]["drug"]) == {
         "num_labels",
         "majority_fraction",
+        "ddsc_labels",
         "ddsc_cls",
         "ddsc_mean",
         "pca50_log1p",
