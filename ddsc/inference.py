@@ -512,7 +512,6 @@ class Predictor:
         total = torch.zeros(n, width, dtype=torch.float64)
         chunks = torch.zeros(n, dtype=torch.float64)
         loglik = torch.zeros(n, len(labels), dtype=torch.float64)
-        scored = torch.zeros(n, dtype=torch.float64)
         positions = torch.from_numpy(np.diff(cells.offsets)).double()
         held_out = torch.from_numpy(
             np.concatenate([np.zeros(0, bool)] + [held_out_half(cells.tokens[cells.cell(i)], seed) for i in range(n)])
@@ -538,9 +537,8 @@ class Predictor:
                         ll = logits.float().log_softmax(dim=-1).gather(-1, clean).squeeze(-1)
                         row_loglik[:, k] += (ll * hide).sum(dim=1).double().cpu()
                 loglik.index_add_(0, target, row_loglik)
-                scored.index_add_(0, target, b["real"].sum(dim=1).double().cpu())
                 bar.update(len(index))
-        per_gene = loglik / scored.clamp(min=1)[:, None]
+        per_gene = loglik / positions.clamp(min=1)[:, None]
         for j in range(len(self.conditions)):  # centred per condition: only differences between labels count
             columns = [k for k, (c, _, _) in enumerate(labels) if c == j]
             per_gene[:, columns] -= per_gene[:, columns].mean(dim=1, keepdim=True)
