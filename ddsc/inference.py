@@ -136,8 +136,8 @@ def gene_chunks(tokens: np.ndarray, max_length: int, seed: int) -> list[np.ndarr
 
 
 def held_out_half(tokens: np.ndarray, seed: int) -> np.ndarray:
-    """Bool per position: the seeded half of a cell's genes that ``embed`` hides and scores (``_gene_keys``
-    under another seed than the chunks, so each chunk hides about half of its genes)."""
+    """Bool per position: a seeded half of a cell's genes; ``embed`` predicts it from the other half, then the
+    other half from it (``_gene_keys`` under another seed than the chunks: about half of every chunk)."""
     return (_gene_keys(tokens, seed ^ 0x5EED) >> np.uint64(63)).astype(bool)
 
 
@@ -494,8 +494,8 @@ class Predictor:
 
         - ``X_ddsc_labels`` [cells, labels]: the model as a classifier of the cell (the "diffusion classifier"
           of Li et al. 2023, arXiv:2303.16203): for every real label of every condition (``uns["ddsc_embed"]
-          ["labels"]`` names the columns, ``"condition=label"``), the mean log-likelihood per gene of the bins of a
-          seeded half of the cell's genes (``held_out_half``), hidden and predicted from the other half with
+          ["labels"]`` names the columns, ``"condition=label"``), the mean log-likelihood per gene of the cell's
+          bins, each seeded half of its genes (``held_out_half``) hidden and predicted from the other half, with
           that label given and the other conditions null, centred over the labels of its condition. It reads
           the one thing training shapes, the masked-bin predictions under each condition; it carries cell state
           as far as the training labels describe it (a cell of an unseen cell line is placed relative to the
@@ -524,7 +524,6 @@ class Predictor:
         total = torch.zeros(n, width, dtype=torch.float64)
         chunks = torch.zeros(n, dtype=torch.float64)
         loglik = torch.zeros(n, len(labels), dtype=torch.float64)
-        scored = torch.zeros(n, dtype=torch.float64)
         positions = torch.from_numpy(np.diff(cells.offsets)).double()
         held_out = torch.from_numpy(
             np.concatenate([np.zeros(0, bool)] + [held_out_half(cells.tokens[cells.cell(i)], seed) for i in range(n)])
@@ -538,20 +537,20 @@ class Predictor:
                 cls.index_add_(0, target, h[:, 0])
                 chunks.index_add_(0, target, torch.ones(len(target), dtype=torch.float64))
                 total.index_add_(0, target, (h * b["real"].cpu()[..., None]).sum(dim=1))
-                hide = ((rows.flat >= 0) & held_out[rows.flat.clamp(min=0)]).to(self.device)
-                expr = b["expr"].masked_fill(hide, self.tokens.mask)
+                half = ((rows.flat >= 0) & held_out[rows.flat.clamp(min=0)]).to(self.device)
                 clean = b["expr"].clamp(max=self.config.num_bins - 1)[..., None]
                 row_loglik = torch.zeros(len(target), len(labels), dtype=torch.float64)
-                for k, (column, label, _) in enumerate(labels):
-                    cond = b["cond"].clone()  # null conditions but this label
-                    cond[:, column] = label
-                    logits = self.model(b["gene_ids"], expr, b["attention_mask"], cond)
-                    ll = logits.float().log_softmax(dim=-1).gather(-1, clean).squeeze(-1)
-                    row_loglik[:, k] = (ll * hide).sum(dim=1).double().cpu()
+                for hide in (half, b["real"] & ~half):  # each half predicted from the other: every gene once
+                    expr = b["expr"].masked_fill(hide, self.tokens.mask)
+                    for k, (column, label, _) in enumerate(labels):
+                        cond = b["cond"].clone()  # null conditions but this label
+                        cond[:, column] = label
+                        logits = self.model(b["gene_ids"], expr, b["attention_mask"], cond)
+                        ll = logits.float().log_softmax(dim=-1).gather(-1, clean).squeeze(-1)
+                        row_loglik[:, k] += (ll * hide).sum(dim=1).double().cpu()
                 loglik.index_add_(0, target, row_loglik)
-                scored.index_add_(0, target, hide.sum(dim=1).double().cpu())
                 bar.update(len(index))
-        per_gene = loglik / scored.clamp(min=1)[:, None]
+        per_gene = loglik / positions.clamp(min=1)[:, None]
         for column in {c for c, _, _ in labels}:  # centred per condition: only differences between labels count
             columns = [k for k, (c, _, _) in enumerate(labels) if c == column]
             per_gene[:, columns] -= per_gene[:, columns].mean(dim=1, keepdim=True)

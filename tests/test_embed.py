@@ -149,14 +149,15 @@ def test_long_cell_embedding_uses_all_its_genes_not_a_training_subset(model_dir)
     loglik = torch.zeros(5, dtype=torch.float64)
     for part in chunks:
         gene_ids = torch.tensor([GENE_CLS, *tokens[part]])[None]
-        hidden = torch.cat([torch.tensor([False]), hide[part]])[None]
         clean = torch.cat([torch.tensor([0]), bins[part]])[None]
-        expr = torch.cat([torch.tensor([TOKENS.cls]), bins[part]])[None].masked_fill(hidden, TOKENS.mask)
-        for k, cond in enumerate([[1, 0], [2, 0], [0, 1], [0, 2], [0, 3]]):
-            with torch.no_grad():
-                logits = predictor.model(gene_ids, expr, torch.ones_like(hidden), torch.tensor([cond]))
-            loglik[k] += (logits.log_softmax(-1).gather(-1, clean[..., None])[..., 0] * hidden).sum().double()
-    per_gene = loglik / hide.sum()
+        for hidden in (hide[part], ~hide[part]):  # each half predicted from the other
+            hidden = torch.cat([torch.tensor([False]), hidden])[None]
+            expr = torch.cat([torch.tensor([TOKENS.cls]), bins[part]])[None].masked_fill(hidden, TOKENS.mask)
+            for k, cond in enumerate([[1, 0], [2, 0], [0, 1], [0, 2], [0, 3]]):
+                with torch.no_grad():
+                    logits = predictor.model(gene_ids, expr, torch.ones_like(hidden), torch.tensor([cond]))
+                loglik[k] += (logits.log_softmax(-1).gather(-1, clean[..., None])[..., 0] * hidden).sum().double()
+    per_gene = loglik / len(genes)
     expected = torch.cat([per_gene[:2] - per_gene[:2].mean(), per_gene[2:] - per_gene[2:].mean()])
     np.testing.assert_allclose(embedded, expected.numpy(), rtol=1e-4, atol=1e-6)
     draws = [  # training sees a random 16-gene subset, another one per collator seed (epoch, rank, worker) ...
