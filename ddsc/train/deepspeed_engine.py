@@ -220,6 +220,9 @@ class DeepSpeedRun:
             raise RuntimeError(f"{self.save_folder}: 'latest' names a checkpoint that cannot be loaded")
         self.progress = Progress(**client["progress"])
         self.train_loader.load_state_dict(client["train_loader"])
+        # Streaming shares the loader's resume state between a node's ranks in shared memory that the rank which
+        # created it unlinks at exit: no rank may leave (a finished run returns at once) before all attached.
+        torch.distributed.barrier()
         self.log.announce(f"resumed from {path} at batch {self.progress.batch}")
         return True
 
