@@ -114,8 +114,12 @@ def check_condition_values(model: ModelConfig, labels: LabelVocab | None) -> Non
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
-    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing."""
-    return dataclasses.replace(config, model=resolve_model_config(config.model, load_labels(config)))
+    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing, and every
+    molecule / scalar value of the data checked to encode (``check_condition_values``)."""
+    labels = load_labels(config)
+    model = resolve_model_config(config.model, labels)
+    check_condition_values(model, labels)
+    return dataclasses.replace(config, model=model)
 
 
 def device_batch_size(config: RunConfig, world_size: int) -> int:
@@ -186,14 +190,14 @@ def check_run(config: RunConfig, device: str | None = None) -> RunConfig:
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
 
     resolved = resolve_run_config(config)
-    check_condition_values(resolved.model, load_labels(config))
     check_gene_vocab(config)
     save_folder = resolve_save_folder(config)
     saved = read_saved_config(save_folder) if save_folder and config.trainer.autoresume else None
     if saved is not None:
         check_compatible(saved, resolved)
     if device == "cpu" and resolved.trainer.precision == "auto":
-        resolved.trainer.precision = settle_cpu_precision(saved)
+        trainer = dataclasses.replace(resolved.trainer, precision=settle_cpu_precision(saved))
+        resolved = dataclasses.replace(resolved, trainer=trainer)
     return resolved
 
 
