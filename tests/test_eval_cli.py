@@ -201,8 +201,9 @@ def test_evaluate_h5ad(exported, tmp_path):
     assert metrics["setup"]["eval_cells"] == len(rest) and metrics["setup"]["baseline_train_cells"] == len(fit)
     assert "1 dropped" in metrics["setup"]["data"] and "197 of 199 genes matched" in metrics["setup"]["data"]
     check(metrics, direct_ce(model, fit, rest, 0.3), "0.3")
-    # the embeddings scored are those of `ddsc embed` on the same file, evaluation cells only
-    assert cli.main(["embed", "--model", str(model), "--input", str(path), "--output", str(tmp_path / "e.h5ad")]) == 0
+    # the embeddings scored are those of `ddsc embed --null-conditions` on the same file, evaluation cells only
+    embed = ["embed", "--model", str(model), "--input", str(path), "--output", str(tmp_path / "e.h5ad")]
+    assert cli.main([*embed, "--null-conditions"]) == 0
     embedded = anndata.read_h5ad(tmp_path / "e.h5ad")
     rows = [embedded.obs_names.get_loc(s["cell_id"]) for s in rest]
     labels = [s["drug"] for s in rest]

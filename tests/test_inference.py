@@ -11,13 +11,13 @@ import torch
 
 from ddsc.cli import main
 from ddsc.data.anndata_source import AnnDataSource
-from ddsc.data.binning import bin_counts, quantile_bins_reference
+from ddsc.data.binning import bin_counts, bin_values, quantile_bins_reference
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator
 from ddsc.data.labels import LabelVocab
 from ddsc.data.raw_counts import NotRawCountsError
 from ddsc.data.vocab import GeneVocab
-from ddsc.inference import Predictor, bin_values
+from ddsc.inference import Predictor
 from ddsc.model.export import write_hf_folder
 from ddsc.model.hf import DDSCConfig, DDSCModel
 
@@ -96,6 +96,57 @@ def test_impute_never_changes_observed_entries(model_dir, method):
     assert out.uns["ddsc_impute"]["matched_genes"] == 40 and out.uns["ddsc_impute"]["hidden_entries"] == hidden.sum()
 
 
+@pytest.mark.parametrize("method", ["argmax", "ancestral"])
+def test_impute_layers_give_one_answer(model_dir, method):
+    """At hidden entries ``ddsc_imputed`` is the representative count of the bin in ``ddsc_bins`` (one answer),
+    computed from the cell's observed counts alone."""
+    predictor = Predictor.from_pretrained(model_dir, progress=False, batch_size=4)
+    adata = make_adata(n_cells=8, seed=5)
+    out = predictor.impute(adata, mask_fraction=0.4, method=method, steps=4, seed=1)
+    x, hidden = adata.X.toarray()[:, :40], out.layers["ddsc_mask"].toarray()[:, :40]
+    bins, imputed = out.layers["ddsc_bins"][:, :40], out.layers["ddsc_imputed"].toarray()[:, :40]
+    assert hidden.sum() > 20 and out.uns["ddsc_impute"]["answer"] == (
+        "argmax bin" if method == "argmax" else "sampled bin"
+    )
+    for i in range(adata.n_obs):
+        counts = torch.from_numpy(x[i : i + 1])
+        observed = (counts > 0) & ~torch.from_numpy(hidden[i : i + 1])
+        values = bin_values(counts, observed, predictor.binning, (counts * observed).sum(dim=1, dtype=torch.float64))
+        np.testing.assert_allclose(imputed[i, hidden[i]], values[0, bins[i, hidden[i]]].numpy(), rtol=1e-6)
+
+
+def test_impute_reads_conditions_from_obs(tmp_path):
+    """The wired model predicts its cell line's bin: impute uses ``obs`` conditions unless told otherwise, and an
+    unknown label is the null label, counted."""
+    predictor = Predictor.from_pretrained(save(wired_model(panel_bins=False), tmp_path / "m"), progress=False)
+    adata = make_adata(n_cells=6)
+    adata.obs["cell_line_id"] = ["L0", "L1", "L2", "L0", "L9", ""]
+    expected = np.array([1, 3, 5, 1, 0, 0])  # L0 -> 1, L1 -> 3, L2 -> 5, unknown / null -> 0
+    for conditions, want in ((None, expected), ({}, np.zeros(6)), ({"cell_line_id": ["L2"]}, np.full(6, 5))):
+        out = predictor.impute(adata, mask_fraction=0.5, seed=2, conditions=conditions)
+        hidden = out.layers["ddsc_mask"].toarray()
+        rows = np.nonzero(hidden)[0]
+        np.testing.assert_array_equal(out.layers["ddsc_bins"][hidden], want[rows])
+    path, folder = tmp_path / "in.h5ad", str(tmp_path / "m")
+    adata.write_h5ad(path)
+    for flags, want in (
+        ([], expected),
+        (["--null-conditions"], np.zeros(6)),
+        (["--condition", "cell_line_id=L1"], np.full(6, 3)),
+    ):
+        args = ["impute", "--model", folder, "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--seed", "2"]
+        assert main([*args, "--mask-fraction", "0.5", *flags]) == 0
+        out = anndata.read_h5ad(tmp_path / "o.h5ad")
+        hidden = out.layers["ddsc_mask"].toarray()
+        np.testing.assert_array_equal(out.layers["ddsc_bins"][hidden], want[np.nonzero(hidden)[0]])
+    out = predictor.impute(adata, mask_fraction=0.5, seed=2)
+    assert out.uns["ddsc_impute"]["conditions"] == {
+        "source": "obs",
+        "columns": ["cell_line_id"],
+        "unknown_labels": {"cell_line_id": 1},
+    }
+
+
 def test_impute_by_gene_list_and_mask_and_seed(model_dir):
     predictor = Predictor.from_pretrained(model_dir, progress=False)
     adata = make_adata()
@@ -148,7 +199,7 @@ def test_embed_matches_collated_forward(model_dir):
     predictor = Predictor.from_pretrained(model_dir, progress=False, batch_size=3)
     predictor.max_length = 64  # no chunking: compare with the training collator's batch
     adata = make_adata(n_cells=5)
-    out = predictor.embed(adata)
+    out = predictor.embed(adata, conditions={})  # null conditions, as the collated batch below
     samples, matched = predictor.samples_from_anndata(adata)
     assert matched == 40
     batch = CellCollator(64, predictor.binning)([{k: s[k] for k in ("genes", "counts")} for s in samples])

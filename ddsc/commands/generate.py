@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ddsc.commands.model_args import add_model_arguments, load_predictor, write_output
+from ddsc.commands.model_args import add_model_arguments, load_predictor, parse_conditions, write_output
 from ddsc.diffusion.sampler_names import METHODS
 
 
@@ -31,16 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_genes(spec: str) -> list[str]:
     text = Path(spec[1:]).read_text() if spec.startswith("@") else spec.replace(",", "\n")
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def parse_conditions(items: list[str]) -> dict[str, list[str]]:
-    conditions: dict[str, list[str]] = {}
-    for item in items:
-        column, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--condition {item!r}: expected NAME=VALUE")
-        conditions[column.strip()] = [value.strip()]
-    return conditions
 
 
 def run(args: argparse.Namespace) -> int:

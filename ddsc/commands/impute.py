@@ -1,7 +1,8 @@
 """Impute (inpaint) hidden entries of an .h5ad: by fraction, by a mask layer or by gene list.
 
 Adds layers ddsc_mask (hidden entries), ddsc_bins (observed and predicted bins) and ddsc_imputed (counts, with
-the expected count at hidden entries). Observed entries are never changed.
+the predicted bin's representative count at hidden entries: one answer in both layers). Observed entries are
+never changed; conditions come from obs unless --condition / --null-conditions is given.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import argparse
 
 from ddsc.commands.model_args import (
+    add_cell_condition_arguments,
     add_input_arguments,
     add_model_arguments,
+    cell_conditions,
     load_predictor,
     read_input,
     write_output,
@@ -21,6 +24,7 @@ from ddsc.diffusion.sampler_names import METHODS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser)
     add_model_arguments(parser)
+    add_cell_condition_arguments(parser)
     parser.add_argument("--mask-fraction", type=float, help="hide this fraction of each cell's non-zero entries")
     parser.add_argument("--mask-layer", help="boolean layer of entries to hide")
     parser.add_argument("--genes", help="comma-separated var names to hide (and predict) in every cell")
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         temperature=args.temperature,
         seed=args.seed,
+        conditions=cell_conditions(args),
     )
     write_output(out, args.output)
     info = out.uns["ddsc_impute"]

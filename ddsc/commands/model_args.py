@@ -21,6 +21,37 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     add_round_counts_argument(parser)
 
 
+def add_cell_condition_arguments(parser: argparse.ArgumentParser) -> None:
+    """impute and embed: the cells' conditions come from obs unless given here."""
+    parser.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="condition of every cell instead of obs (repeatable; conditions not given are null)",
+    )
+    parser.add_argument(
+        "--null-conditions", action="store_true", help="ignore obs: every condition null (unconditional)"
+    )
+
+
+def cell_conditions(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """None (read obs) unless ``--condition`` or ``--null-conditions`` is given."""
+    if args.null_conditions and args.condition:
+        raise ValueError("--null-conditions and --condition exclude each other")
+    return {} if args.null_conditions else parse_conditions(args.condition) if args.condition else None
+
+
+def parse_conditions(items: list[str]) -> dict[str, list[str]]:
+    conditions: dict[str, list[str]] = {}
+    for item in items:
+        column, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--condition {item!r}: expected NAME=VALUE")
+        conditions[column.strip()] = [value.strip()]
+    return conditions
+
+
 def add_round_counts_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--round-counts",

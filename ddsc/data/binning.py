@@ -24,6 +24,9 @@ Methods (see ``BinningConfig``):
 - ``log_uniform``: equal-width bins of ``log(count)`` on ``[0, log(max_count)]``.
 - ``uniform``: equal-width bins of the raw count on ``[0, max_count]``.
 Values above the top edge go to the last bin.
+
+The way back, a representative count per bin and cell (``bin_values``), is here too: inference writes it as
+the imputed count, evaluation scores its expectation.
 """
 
 from __future__ import annotations
@@ -148,3 +151,35 @@ def quantile_bins_reference(counts: Tensor, cfg: BinningConfig) -> Tensor:
         edges = torch.quantile(counts[nonzero], q)
         bins[nonzero] = torch.bucketize(counts[nonzero], edges, right=False).clamp(max=k - 1) + first
     return bins
+
+
+def row_quantiles(values: Tensor, valid: Tensor, q: Tensor) -> Tensor:
+    """Per-row ``torch.quantile(row[valid], q)`` (linear interpolation), float64 [B, len(q)]; 0 for empty rows."""
+    ordered = values.double().masked_fill(~valid, math.inf).sort(dim=1).values
+    n = valid.sum(dim=1, keepdim=True)
+    ranks = q.double()[None, :] * (n - 1).clamp(min=0)
+    below, above = ranks.floor().long(), ranks.ceil().long()
+    out = torch.lerp(ordered.gather(1, below), ordered.gather(1, above), ranks - below)
+    return out.masked_fill(n == 0, 0.0)
+
+
+def bin_values(counts: Tensor, observed: Tensor, cfg: BinningConfig, library_size: Tensor) -> Tensor:
+    """A representative raw count per bin and cell, float64 [B, K] (the inverse of ``bin_counts``).
+
+    ``quantile``: the cell's observed quantile at the middle of the bin's quantile range; fixed-edge schemes:
+    the middle of the bin mapped back to counts. The zero bin (``zero_fraction > 0``) is 0.
+    """
+    first, k = nonzero_bins(cfg)
+    middle = (torch.arange(k, dtype=torch.float64, device=counts.device) + 0.5) / k
+    if cfg.method == "quantile":
+        # quantiles at j / (2k), j = 1..2k-1: the odd ones are the bin middles (2b + 1) / (2k)
+        values = row_quantiles(counts, observed & (counts > 0), middle)
+    elif cfg.method == "global_log1p":
+        scale = library_size.double().clamp(min=1.0)[:, None] / cfg.target_sum
+        values = torch.expm1(middle * cfg.max_value)[None, :] * scale
+    elif cfg.method == "log_uniform":
+        values = torch.exp(middle * math.log(cfg.max_count)).expand(len(counts), k)
+    else:
+        values = (middle * cfg.max_count).expand(len(counts), k)
+    zeros = torch.zeros(len(counts), first, dtype=torch.float64, device=counts.device)
+    return torch.cat([zeros, values], dim=1)

@@ -15,42 +15,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddsc.data.batch_layout import model_batch, pad_cells
 from ddsc.data.binning import bin_counts
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.labels import LabelVocab
-from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS, GENE_PAD, ExpressionTokens
+from ddsc.data.tokens import FIRST_GENE_ID, ExpressionTokens
 from ddsc.model.conditions import ConditionValueError, encode_conditions
 from ddsc.model.config import ConditionConfig
-
-
-def pad_cells(genes: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
-    """Ragged per-cell arrays -> (gene ids int64 [B, N], counts [B, N], valid bool [B, N]).
-
-    Integer counts stay integers, at least int32 (MDS stores uint16 or int32 per cell, and torch has few ops
-    for uint16): the quantile binning ranks them with a histogram. Other counts become float32.
-    """
-    lengths = np.fromiter((len(g) for g in genes), dtype=np.int64, count=len(genes))
-    width = int(lengths.max(initial=0))
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    flat_counts = np.concatenate(counts)
-    gene_ids = np.full((len(genes), width), GENE_PAD, dtype=np.int64)
-    integer = flat_counts.dtype.kind in "iu"
-    values = np.zeros(
-        (len(genes), width), dtype=np.promote_types(flat_counts.dtype, np.int32) if integer else np.float32
-    )
-    if width:
-        gene_ids[valid] = np.concatenate(genes)  # row-major fill: cell by cell, in order
-        values[valid] = flat_counts
-    return torch.from_numpy(gene_ids), torch.from_numpy(values), torch.from_numpy(valid)
 
 
 class CellCollator:
     """Turns a list of MDS samples into the batch dict the model, the loss and the samplers consume.
 
-    Output keys (B cells, ``L = 1 + min(max_length, longest cell)``): ``gene_ids`` int64 [B, L] (``<cls>`` at
-    0, ``<pad>`` at padding), ``expr`` int64 [B, L] (clean bins; ``tokens.cls`` / ``tokens.pad``), ``counts``
-    float32 [B, L], ``real`` bool [B, L] (real genes only), ``attention_mask`` bool [B, L] (cls + real genes),
-    ``cond`` [B, W] (the conditions in the layout of ``ddsc.model.conditions``: int64 label ids when all are
+    Output: the layout of ``ddsc.data.batch_layout`` with ``counts`` (B cells, ``L = 1 + min(max_length, longest
+    cell)``, ``expr`` the clean bins), ``cond`` in the layout of ``ddsc.model.conditions`` (int64 label ids when all are
     labels, 0 = null / unknown). A condition given by name only is a label condition. Molecule and scalar
     conditions are read from their ``column`` and are required: a cell without a parsable value is an error
     naming the cell (training checks the dataset's distinct values up front, ``check_condition_values``).
@@ -121,21 +99,8 @@ class CellCollator:
         index, real = self._subset(valid, rng)
         counts = torch.where(real, cell_counts.gather(1, index), 0)
         bins = bin_counts(counts, real, self.binning, cell_counts=cell_counts, cell_real=valid)
-        counts = counts.float()
-        batch_size = len(samples)
-        first = torch.ones(batch_size, 1, dtype=torch.bool)
-        return {
-            "gene_ids": torch.cat(
-                [torch.full((batch_size, 1), GENE_CLS), torch.where(real, cell_genes.gather(1, index), GENE_PAD)], 1
-            ),
-            "expr": torch.cat(
-                [torch.full((batch_size, 1), self.tokens.cls), torch.where(real, bins, self.tokens.pad)], 1
-            ),
-            "counts": torch.cat([torch.zeros(batch_size, 1), counts], dim=1),
-            "real": torch.cat([~first, real], dim=1),
-            "attention_mask": torch.cat([first, real], dim=1),
-            "cond": self._encode_conditions(samples),
-        }
+        genes = cell_genes.gather(1, index)
+        return model_batch(genes, bins, real, self.tokens, self._encode_conditions(samples), counts=counts)
 
     def _subset(self, valid: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """Indices [B, L'] of a uniform random subset of at most ``max_length`` valid positions per cell.

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddsc.data.collator import CellCollator, pad_cells
-from ddsc.data.tokens import GENE_CLS, ExpressionTokens
+from ddsc.data.batch_layout import model_batch, pad_cells
+from ddsc.data.collator import CellCollator
+from ddsc.data.tokens import ExpressionTokens
 
 
 @dataclass
@@ -94,17 +95,8 @@ def collate_cells(
 def pack(cells: EvalCells, idx: Sequence[int], tokens: ExpressionTokens, cond: np.ndarray | None = None) -> dict:
     """Batch dict (collator layout) for cells ``idx``; ``cond`` [len(idx), C] replaces their labels if given."""
     gene_ids, values, valid = pad_cells([cells.genes[i] for i in idx], [cells.bins[i] for i in idx])
-    n = len(idx)
-    bins = torch.where(valid, values.long(), torch.full_like(gene_ids, tokens.pad))
-    first = torch.ones(n, 1, dtype=torch.bool)
     labels = cells.cond[list(idx)] if cond is None else np.asarray(cond, dtype=cells.cond.dtype)
-    return {
-        "gene_ids": torch.cat([torch.full((n, 1), GENE_CLS), gene_ids], dim=1),
-        "expr": torch.cat([torch.full((n, 1), tokens.cls), bins], dim=1),
-        "real": torch.cat([~first, valid], dim=1),
-        "attention_mask": torch.cat([first, valid], dim=1),
-        "cond": torch.from_numpy(labels),
-    }
+    return model_batch(gene_ids, values.long(), valid, tokens, torch.from_numpy(labels))
 
 
 def length_batches(cells: EvalCells, idx: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 Every bin predictor (the model and the bin baselines) gives a distribution over a masked gene's bins; its
 implied count is the expectation of the cell's representative count per bin, ``sum_b p(b) * value[cell, b]``,
-where ``value`` is what ``ddsc impute`` uses (:func:`ddsc.inference.bin_values`: for per-cell quantile bins,
+where ``value`` is what ``ddsc impute`` uses (:func:`ddsc.data.binning.bin_values`: for per-cell quantile bins,
 the cell's quantile at the middle of the bin). The values come from the cell's *observed* (unmasked) counts
 only, as in ``ddsc impute``: a hidden count must not leak into the counts it is scored against.
 
@@ -25,12 +25,12 @@ import scipy.sparse as sp
 import torch
 from scipy.stats import rankdata
 
+from ddsc.data.binning import bin_values
 from ddsc.data.binning_config import BinningConfig
 from ddsc.eval.baselines import KNNBaseline, Query, lookup
 from ddsc.eval.bootstrap import pearson_interval
 from ddsc.eval.cells import EvalCells
 from ddsc.eval.metrics import pearson
-from ddsc.inference import bin_values
 
 
 def cell_bin_values(cells: EvalCells, idx: Sequence[int], masks: Sequence[np.ndarray], cfg: BinningConfig):

@@ -203,7 +203,9 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
 
 def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) -> dict[str, np.ndarray]:
     """``ddsc embed`` of evaluation samples: they become an AnnData over the model's genes (Ensembl ids and
-    symbols in ``var``, as a user's file would have them) and go through ``Predictor.embed`` unchanged."""
+    symbols in ``var``, as a user's file would have them) and go through ``Predictor.embed`` unchanged, with null
+    conditions (``ddsc embed --null-conditions``): a state computed from a cell's label would encode the label it is
+    scored against."""
     import anndata
     import pandas as pd
     import scipy.sparse as sp
@@ -219,7 +221,7 @@ def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) 
         {"gene_ids": vocab.ensembl_ids, "gene_symbols": vocab.symbols},
         index=[f"token{t}" for t in vocab.token_ids],
     )
-    out = predictor.embed(anndata.AnnData(x, var=var), seed=seed)
+    out = predictor.embed(anndata.AnnData(x, var=var), seed=seed, conditions={})
     return {name: out.obsm[f"X_{name}"] for name in ("ddsc_labels", "ddsc_cls", "ddsc_mean")}
 
 
