@@ -384,3 +384,34 @@ def test_truncated_checkpoint_and_weights_are_reported_by_name(composer_run, dat
         assert capsys.readouterr().err.startswith(
             f"ddsc {command}: error: {weights}: not a complete safetensors file (Error while deserializing header"
         )
+
+
+def test_model_exported_by_an_earlier_version_still_loads(tmp_path):
+    """``tests/data/export_v0.tar.gz``: a small model with label, molecule and scalar conditions, exported by the
+    code at commit f5d17b3 (before the inference package split), with a batch, its encoded conditions and the
+    logits that code computed. It must load through ``Predictor`` (same condition encoding, same logits) and
+    through ``AutoModel`` with its own shipped modelling code."""
+    import tarfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from ddsc.inference import Predictor
+
+    with tarfile.open(REPO / "tests" / "data" / "export_v0.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    reference = load_file(tmp_path / "reference.safetensors")
+    predictor = Predictor.from_pretrained(tmp_path / "model", progress=False)
+    values = {
+        "cell_line_id": ["L0", "L2", "", "L1"],
+        "smiles": ["CCO", "c1ccccc1O", "", "CC(=O)Oc1ccccc1C(=O)O"],
+        "dose": ["0.5", "5", "", "0"],
+    }
+    cond = predictor.encode(values, 4)
+    torch.testing.assert_close(cond, reference["cond"], rtol=0, atol=0)
+    batch = (reference["gene_ids"], reference["expr"], reference["attention_mask"], reference["cond"])
+    remote = AutoModel.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.model(*batch), reference["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(remote(*batch), reference["logits"], rtol=1e-5, atol=1e-5)
+    assert type(remote).__module__ != "ddsc.model.hf"  # the folder's own code, not the installed package's
