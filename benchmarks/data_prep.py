@@ -128,7 +128,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ddsc.data.demo_data import synthetic_shard
+    from ddsc.data.tahoe_writer import synthetic_shard
 
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)

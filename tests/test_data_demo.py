@@ -98,7 +98,8 @@ def test_a_finished_demo_dataset_is_not_written_again(tmp_path):
 
 def test_drug_effects_are_a_function_of_chemistry_and_held_out_drugs_have_no_cells(tmp_path):
     from ddsc.data.chemistry import morgan_fingerprint
-    from ddsc.data.demo_data import COMPOUNDS, drug_smiles, held_out, make_ground_truth
+    from ddsc.data.demo_compounds import COMPOUNDS
+    from ddsc.data.demo_data import drug_smiles, held_out, make_ground_truth
 
     few, many = DemoSpec(drugs=2, seed=7), DemoSpec(drugs=6, seed=7)
     truth_few, truth_many = (make_ground_truth(s, np.random.default_rng(7)) for s in (few, many))

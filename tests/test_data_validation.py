@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ddsc.data.demo_data import write_tahoe_shard
 from ddsc.data.mds_convert import ConversionError, WriteOptions
 from ddsc.data.splits import SplitSpec
 from ddsc.data.tahoe import TahoeFormatError, TahoeSource, convert_tahoe, parse_drugname_drugconc
+from ddsc.data.tahoe_writer import write_tahoe_shard
 
 NAN = float("nan")
 # (genes, expressions) per row, and what validation must make of it: kept (genes, counts) or a reason.

@@ -24,8 +24,9 @@ from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.masked_diffusion import MaskedDiffusion
 from ddsc.eval.cells import collate_cells, fresh_collator, split_into_panels
+from ddsc.eval.drug_effects import DrugEffects, find_ground_truth
 from ddsc.eval.evaluate import evaluate
-from ddsc.eval.ground_truth import DrugEffects, expected_bins, find_ground_truth, ground_truth_eval
+from ddsc.eval.ground_truth import expected_bins, ground_truth_eval
 from ddsc.eval.report import write_report
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 

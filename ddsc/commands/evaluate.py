@@ -121,7 +121,7 @@ def summary_line(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
-    from ddsc.eval.ground_truth import find_ground_truth
+    from ddsc.eval.drug_effects import find_ground_truth
     from ddsc.eval.report import write_report
     from ddsc.inference import Predictor
 

@@ -53,54 +53,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ddsc.data.chemistry import morgan_fingerprint
-from ddsc.data.tahoe import MARKER_EXPRESSION
-from ddsc.data.tokens import FIRST_GENE_ID, GENE_CLS
+from ddsc.data.demo_compounds import COMPOUNDS
+from ddsc.data.tahoe_writer import with_markers, write_tahoe_shard
+from ddsc.data.tokens import FIRST_GENE_ID
 from ddsc.done import StepInputs
 
 CONTROL = "DMSO_TF"
 CONTROL_SMILES = "CS(C)=O"
 DOSE_UNIT = "uM"
 SHARED_BIT_COMPOUNDS = 3
-# (name, SMILES) of the demo drugs, in the order they are used: demodrug_a is the first. Families are interleaved
-# so that a few drugs already differ and more drugs add relatives of the first ones.
-COMPOUNDS: tuple[tuple[str, str], ...] = (
-    ("aspirin", "CC(=O)Oc1ccccc1C(=O)O"),
-    ("imatinib", "Cc1ccc(NC(=O)c2ccc(CN3CCN(C)CC3)cc2)cc1Nc1nccc(-c2cccnc2)n1"),
-    ("caffeine", "Cn1cnc2c1c(=O)n(C)c(=O)n2C"),
-    ("ibuprofen", "CC(C)Cc1ccc(cc1)C(C)C(=O)O"),
-    ("gefitinib", "COc1cc2ncnc(Nc3ccc(F)c(Cl)c3)c2cc1OCCCN1CCOCC1"),
-    ("dexamethasone", "CC1CC2C3CCC4=CC(=O)C=CC4(C)C3(F)C(O)CC2(C)C1(O)C(=O)CO"),
-    ("gemcitabine", "Nc1ccn(C2OC(CO)C(O)C2(F)F)c(=O)n1"),
-    ("tamoxifen", "CCC(=C(c1ccccc1)c1ccc(OCCN(C)C)cc1)c1ccccc1"),
-    ("vorinostat", "ONC(=O)CCCCCCC(=O)Nc1ccccc1"),
-    ("chlorambucil", "OC(=O)CCCc1ccc(N(CCCl)CCCl)cc1"),
-    ("naproxen", "COc1ccc2cc(ccc2c1)C(C)C(=O)O"),
-    ("erlotinib", "COCCOc1cc2ncnc(Nc3cccc(c3)C#C)c2cc1OCCOC"),
-    ("theophylline", "Cn1c2nc[nH]c2c(=O)n(C)c1=O"),
-    ("prednisolone", "CC12CC(O)C3C(CCC4=CC(=O)C=CC34C)C1CCC2(O)C(=O)CO"),
-    ("cytarabine", "Nc1ccn(C2OC(CO)C(O)C2O)c(=O)n1"),
-    ("toremifene", "CN(C)CCOc1ccc(cc1)C(=C(CCCl)c1ccccc1)c1ccccc1"),
-    ("belinostat", "ONC(=O)C=Cc1cccc(c1)S(=O)(=O)Nc1ccccc1"),
-    ("melphalan", "NC(Cc1ccc(N(CCCl)CCCl)cc1)C(=O)O"),
-    ("ketoprofen", "CC(C(=O)O)c1cccc(c1)C(=O)c1ccccc1"),
-    ("lapatinib", "CS(=O)(=O)CCNCc1ccc(o1)-c1ccc2ncnc(Nc3ccc(OCc4cccc(F)c4)c(Cl)c3)c2c1"),
-    ("theobromine", "Cn1cnc2c1c(=O)[nH]c(=O)n2C"),
-    ("hydrocortisone", "CC12CCC(=O)C=C1CCC1C2C(O)CC2(C)C1CCC2(O)C(=O)CO"),
-    ("nilotinib", "Cc1cn(-c2cc(NC(=O)c3ccc(C)c(Nc4nccc(-c5cccnc5)n4)c3)cc(c2)C(F)(F)F)cn1"),
-    ("diclofenac", "OC(=O)Cc1ccccc1Nc1c(Cl)cccc1Cl"),
-    ("flurbiprofen", "CC(C(=O)O)c1ccc(-c2ccccc2)c(F)c1"),
-    ("panobinostat", "Cc1[nH]c2ccccc2c1CCNCc1ccc(C=CC(=O)NO)cc1"),
-    ("raloxifene", "Oc1ccc(cc1)-c1sc2cc(O)ccc2c1C(=O)c1ccc(OCCN2CCCCC2)cc1"),
-    ("mefenamic acid", "Cc1cccc(Nc2ccccc2C(=O)O)c1C"),
-    ("dasatinib", "Cc1nc(Nc2ncc(s2)C(=O)Nc2c(C)cccc2Cl)cc(n1)N1CCN(CCO)CC1"),
-    ("fluorouracil", "O=c1[nH]cc(F)c(=O)[nH]1"),
-    ("methotrexate", "CN(Cc1cnc2nc(N)nc(N)c2n1)c1ccc(cc1)C(=O)NC(CCC(=O)O)C(=O)O"),
-    ("celecoxib", "Cc1ccc(cc1)-c1cc(nn1-c1ccc(cc1)S(N)(=O)=O)C(F)(F)F"),
-    ("indomethacin", "COc1ccc2n(C(=O)c3ccc(Cl)cc3)c(C)c(CC(=O)O)c2c1"),
-    ("sorafenib", "CNC(=O)c1cc(Oc2ccc(NC(=O)Nc3ccc(Cl)c(c3)C(F)(F)F)cc2)ccn1"),
-    ("bosutinib", "COc1cc(Nc2c(C#N)cnc3cc(OCCCN4CCN(C)CC4)c(OC)cc23)c(Cl)cc1Cl"),
-    ("salicylic acid", "OC(=O)c1ccccc1O"),
-)
 
 
 @dataclass(frozen=True)
@@ -221,46 +182,6 @@ def draw_counts(spec: DemoSpec, profile: np.ndarray, rng: np.random.Generator) -
     return rng.poisson(rng.gamma(spec.theta, mean / spec.theta))
 
 
-def write_tahoe_shard(
-    path: str | Path,
-    offsets: np.ndarray,
-    genes: np.ndarray,
-    expressions: np.ndarray,
-    columns: dict[str, list[str]],
-    row_group_size: int = 1000,
-) -> None:
-    """Write one Tahoe-layout shard from ragged arrays (markers included by the caller) and string columns."""
-    pq.write_table(tahoe_table(offsets, genes, expressions, columns), path, row_group_size=row_group_size)
-
-
-def tahoe_table(
-    offsets: np.ndarray, genes: np.ndarray, expressions: np.ndarray, columns: dict[str, list[str]]
-) -> pa.Table:
-    """Ragged arrays (markers included) + string columns -> a table with Tahoe-100M's column types."""
-    offsets = pa.array(np.asarray(offsets, dtype=np.int32))
-    return pa.table(
-        {
-            "genes": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(genes, dtype=np.int64))),
-            "expressions": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(expressions, dtype=np.float32))),
-            **{name: pa.array(values, type=pa.string()) for name, values in columns.items()},
-        }
-    )
-
-
-def _with_markers(counts: np.ndarray, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense [cells, genes] counts -> ragged (offsets, genes, expressions) of non-zero genes after the marker."""
-    rows, cols = np.nonzero(counts)
-    per_cell = np.bincount(rows, minlength=len(counts)) + 1
-    offsets = np.concatenate([[0], np.cumsum(per_cell)])
-    genes = np.empty(offsets[-1], dtype=np.int64)
-    values = np.empty(offsets[-1], dtype=np.float32)
-    genes[offsets[:-1]], values[offsets[:-1]] = GENE_CLS, MARKER_EXPRESSION
-    body = np.ones(offsets[-1], dtype=bool)
-    body[offsets[:-1]] = False
-    genes[body], values[body] = token_ids[cols], counts[rows, cols]
-    return offsets, genes, values
-
-
 def _samples(spec: DemoSpec, drug_names: list[str]) -> list[dict]:
     """Wells: per plate, every (drug, dose) once and a few DMSO_TF controls (dose index -1); none for the
     held-out drugs and dose."""
@@ -331,7 +252,7 @@ def make_demo_data(out: str | Path, spec: DemoSpec = DemoSpec()) -> dict:
         d = np.array([wells[w]["drug_index"] for w in well])
         c = np.array([max(wells[w]["dose_index"], 0) for w in well])  # DMSO: effect is 0 at every dose index
         counts = draw_counts(spec, profile[line, d, c], rng)
-        offsets, genes, values = _with_markers(counts, token_ids)
+        offsets, genes, values = with_markers(counts, token_ids)
         cells = np.arange(bounds[shard], bounds[shard + 1])
         columns = {
             "drug": [wells[w]["drug"] for w in well],
@@ -399,31 +320,3 @@ def make_demo_data_once(out: str | Path, spec: DemoSpec = DemoSpec()) -> bool:
     make_demo_data(out, spec)
     inputs.mark_done(out)
     return True
-
-
-def synthetic_shard(
-    path: str | Path,
-    cells: int,
-    genes_per_cell: int = 2000,
-    n_genes: int = 20000,
-    seed: int = 0,
-    row_group_size: int = 1000,
-) -> None:
-    """A Tahoe-layout shard of realistic size for throughput benchmarks: no biology, just the right shape
-    (about ``genes_per_cell`` non-zero genes of ``n_genes``, small integer counts), written in row groups."""
-    rng = np.random.default_rng(seed)
-    writer = None
-    for start in range(0, cells, row_group_size):
-        n = min(row_group_size, cells - start)
-        present = rng.random((n, n_genes), dtype=np.float32) < genes_per_cell / n_genes
-        counts = np.where(present, rng.geometric(0.5, (n, n_genes)), 0)
-        offsets, genes, values = _with_markers(counts, np.arange(FIRST_GENE_ID, FIRST_GENE_ID + n_genes))
-        columns = {
-            name: [f"{name}_{i % 7}" for i in range(start, start + n)]
-            for name in ("drug", "sample", "cell_line_id", "moa-fine", "canonical_smiles", "pubchem_cid", "plate")
-        }
-        columns["BARCODE_SUB_LIB_ID"] = [f"bc{i}" for i in range(start, start + n)]
-        table = tahoe_table(offsets, genes, values, columns)
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
-    writer.close()

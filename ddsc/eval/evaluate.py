@@ -35,7 +35,7 @@ from ddsc.eval.settings import EvalSettings
 if TYPE_CHECKING:  # torch-heavy modules are imported where used, so ``ddsc --help`` stays fast
     from ddsc.data.collator import CellCollator
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
-    from ddsc.eval.report import ReportArrays
+    from ddsc.eval.plots import ReportArrays
     from ddsc.inference import Predictor
 
 DEFAULT_LABELS = ("cell_line_id", "drug", "dose")  # embedding labels scored when the data carry them
@@ -62,7 +62,7 @@ def evaluate(
     from ddsc.eval.counts import KNNMeanCounts, count_summary
     from ddsc.eval.generation import generation_eval, has_treatments, perturbation_eval
     from ddsc.eval.masked import masked_prediction, masked_summary, nelbo_grid
-    from ddsc.eval.report import ReportArrays
+    from ddsc.eval.plots import ReportArrays
 
     labels = embedding_labels(eval_samples, settings.embed_labels) if embed is not None else {}  # fails early
     collator = fresh_collator(collator, settings.seed)
@@ -148,7 +148,8 @@ def evaluate(
         embeddings = {**embed(eval_samples), "pca50_log1p": pca_baseline(eval_samples)}
         metrics["embedding"] = embedding_eval(embeddings, labels, k=settings.knn_k, seed=settings.seed)
     if settings.ground_truth:
-        from ddsc.eval.ground_truth import DrugEffects, ground_truth_eval
+        from ddsc.eval.drug_effects import DrugEffects
+        from ddsc.eval.ground_truth import ground_truth_eval
 
         known = ground_truth_eval(
             model,
