@@ -6,29 +6,17 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import (
-    add_cell_condition_arguments,
-    add_input_arguments,
-    add_model_arguments,
-    cell_conditions,
-    load_predictor,
-    read_input,
-    write_output,
-)
+from ddsc.commands.model_args import add_input_arguments, add_model_arguments, load_cells, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser)
     add_model_arguments(parser)
-    add_cell_condition_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args)
-    adata = read_input(args.input)
-    out = predictor.embed(
-        adata, layer=args.layer, seed=args.seed, round_counts=args.round_counts, conditions=cell_conditions(args)
-    )
+    predictor, adata, options = load_cells(args)
+    out = predictor.embed(adata, **options)
     write_output(out, args.output)
     info = out.uns["ddsc_embed"]
     print(

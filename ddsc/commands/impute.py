@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from ddsc.commands.model_args import (
-    add_cell_condition_arguments,
-    add_input_arguments,
-    add_model_arguments,
-    cell_conditions,
-    load_predictor,
-    read_input,
-    write_output,
-)
+from ddsc.commands.model_args import add_input_arguments, add_model_arguments, load_cells, write_output
 from ddsc.diffusion.sampler_names import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser)
     add_model_arguments(parser)
-    add_cell_condition_arguments(parser)
     parser.add_argument("--mask-fraction", type=float, help="hide this fraction of each cell's non-zero entries")
     parser.add_argument("--mask-layer", help="boolean layer of entries to hide")
     parser.add_argument("--genes", help="comma-separated var names to hide (and predict) in every cell")
@@ -34,22 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args)
-    adata = read_input(args.input)
-    mask = adata.layers[args.mask_layer] if args.mask_layer else None
+    predictor, adata, options = load_cells(args)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    if args.mask_layer and args.mask_layer not in adata.layers:
+        raise ValueError(f"--mask-layer {args.mask_layer!r}: {args.input} has layers {list(adata.layers) or 'none'}")
     out = predictor.impute(
         adata,
         mask_fraction=args.mask_fraction,
-        mask=mask,
+        mask=adata.layers[args.mask_layer] if args.mask_layer else None,
         genes=genes,
-        layer=args.layer,
-        round_counts=args.round_counts,
         method=args.method,
         steps=args.steps,
         temperature=args.temperature,
-        seed=args.seed,
-        conditions=cell_conditions(args),
+        **options,
     )
     write_output(out, args.output)
     info = out.uns["ddsc_impute"]

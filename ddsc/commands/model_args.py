@@ -15,14 +15,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The input cells of impute and embed: raw counts, as data_prep requires (``ddsc.data.raw_counts``)."""
+    """The input cells of impute and embed: raw counts, as data_prep requires (``ddsc.data.raw_counts``), and
+    their conditions, from obs unless ``--condition`` / ``--null-conditions`` (``cell_conditions``)."""
     parser.add_argument("--input", required=True, help="input .h5ad with raw counts")
     parser.add_argument("--layer", help="read counts from this layer instead of X")
     add_round_counts_argument(parser)
-
-
-def add_cell_condition_arguments(parser: argparse.ArgumentParser) -> None:
-    """impute and embed: the cells' conditions come from obs unless given here."""
     parser.add_argument(
         "--condition",
         action="append",
@@ -66,6 +63,12 @@ def load_predictor(args: argparse.Namespace):
     return Predictor.from_pretrained(
         args.model, device=args.device, precision=args.precision, batch_size=args.batch_size
     )
+
+
+def load_cells(args: argparse.Namespace):
+    """impute and embed: the model, the input cells and the keyword arguments both tasks take from the flags."""
+    options = {"layer": args.layer, "round_counts": args.round_counts, "seed": args.seed}
+    return load_predictor(args), read_input(args.input), {**options, "conditions": cell_conditions(args)}
 
 
 def read_input(path: str):
