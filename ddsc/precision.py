@@ -61,6 +61,17 @@ def cpu_auto_precision(previous: str | None = None) -> tuple[str, str]:
     return choice, f"bf16 matmuls measured {cpu_bf16_speedup():.2f}x the speed of fp32 on this CPU"
 
 
+def concrete_precision(want: str, device: str) -> str:
+    """``trainer.precision`` with ``auto`` replaced, for either engine on ``device`` ("cpu" or "gpu"): bf16 where
+    the GPU has it (else fp16), on CPU the measured choice. A run settles CPU ``auto`` once before either engine
+    starts (``ddsc.train.run.check_run``), so the measurement here serves only callers that skip that step."""
+    if want != "auto":
+        return want
+    if device == "gpu":
+        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
+    return cpu_auto_precision()[0]
+
+
 def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast to ``dtype`` on ``device_type``, the type of the data's device (never a literal); None: off."""
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

@@ -26,7 +26,7 @@ from composer.optim import (
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
 from ddsc.config import ConfigError, to_dict
-from ddsc.precision import cpu_auto_precision
+from ddsc.precision import concrete_precision
 from ddsc.train.config import OptimizerConfig, ParallelismConfig, RunConfig, SchedulerConfig, TrainerConfig
 from ddsc.train.throughput import TokenRates
 
@@ -49,18 +49,12 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
     fp32): always for ``amp_bf16``, and for ``auto`` only where this CPU's bf16 matmuls are measured faster
     (``ddsc.precision``). Call it after the process group exists, so every rank makes the same choice.
     """
-    want = trainer.precision
+    want = concrete_precision(trainer.precision, device)
     if device == "gpu":
-        if want == "auto":
-            return ("amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"), None
         return want, None
     if want == "amp_fp16":
         raise ConfigError("trainer.precision: amp_fp16 needs a GPU (use amp_bf16 or auto on CPU)")
-    if want == "auto":  # the trainer settles it per run before this (trainer.settle_cpu_precision)
-        want = cpu_auto_precision()[0]
-    if want == "amp_bf16":
-        return "fp32", torch.bfloat16
-    return "fp32", None
+    return "fp32", torch.bfloat16 if want == "amp_bf16" else None
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

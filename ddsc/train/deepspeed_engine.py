@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ddsc.config import ConfigError
-from ddsc.precision import cpu_auto_precision, enable_tf32
+from ddsc.precision import concrete_precision, enable_tf32
 from ddsc.train.builders import batches, lr_multiplier
 from ddsc.train.callbacks import batch_seed
 from ddsc.train.checkpoint_integrity import deepspeed_folder, recover_on_rank_zero
@@ -57,13 +57,9 @@ class DeepSpeedPrecision:
 
 def deepspeed_precision(config: RunConfig, device: str) -> DeepSpeedPrecision:
     """``trainer.precision`` for this engine on ``device`` ("cpu" or "gpu"); see the module docstring."""
-    want = config.trainer.precision
-    if want == "amp_fp16":
+    if config.trainer.precision == "amp_fp16":
         raise ConfigError("trainer.precision: the deepspeed engine supports amp_bf16, auto or fp32 (not amp_fp16)")
-    if want == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device == "gpu" else cpu_auto_precision()[0] == "amp_bf16"
-    else:
-        bf16 = want == "amp_bf16"
+    bf16 = concrete_precision(config.trainer.precision, device) == "amp_bf16"
     if not bf16:
         return DeepSpeedPrecision()
     if config.parallelism.zero_stage <= 1:
