@@ -33,6 +33,16 @@ DIT_CFG = LatentDiTConfig(d_model=32, n_heads=4, n_layers=2, sampler_steps=6)
 CONDITIONS = [ConditionConfig("cell_line_id", num_labels=3, dropout=0.5), ConditionConfig("drug", num_labels=2)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and on a loaded 2-core machine the threads' spin
+    waits made a 30-step test 100x slower; restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_batch(cells: int = 5, genes: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     """A collator-layout batch: ``<cls>`` at 0, then real genes, padding at the end of the shorter cells."""
     g = torch.Generator().manual_seed(seed)
@@ -207,7 +217,15 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional_exactly():
         noise = initial_noise(3, (4, 6), torch.Generator().manual_seed(7))
         return flow.sample(model, noise, c, guidance_scale=w)
 
-    conditional, unconditional = draw(1.0, cond), draw(1.0, torch.zeros_like(cond))
+    def euler(c):  # the plain model's Euler sampler, written out
+        x = initial_noise(3, (4, 6), torch.Generator().manual_seed(7))
+        times = torch.linspace(1.0, 0.0, DIT_CFG.sampler_steps + 1)
+        with torch.no_grad():
+            for t, t_next in zip(times[:-1], times[1:], strict=True):
+                x = x + (t_next - t) * model(x, t.expand(3), c)
+        return x
+
+    conditional, unconditional = euler(cond), euler(torch.zeros_like(cond))
     assert torch.equal(draw(0.0, cond), unconditional)
     assert torch.equal(draw(1.0, cond), conditional)
     assert not torch.allclose(conditional, unconditional)
@@ -250,7 +268,10 @@ def test_vae_composer_model_forward_loss_eval_and_metrics():
     torch.manual_seed(0)
     model = LatentVAEComposerModel(VAE_CFG, VOCAB)
     batch = collator_batch()
+    calls = []  # FSDP2 gathers a child's weights in hooks on its __call__: the wrapper must call it, not a method
+    model.model.register_forward_pre_hook(lambda module, args: calls.append(module))
     out = model(batch)
+    assert calls == [model.model]
     loss = model.loss(out, batch)
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss) and model.model.gene_embedding.weight.grad.abs().sum() > 0
@@ -274,7 +295,11 @@ def test_dit_composer_model_encodes_with_a_frozen_vae_and_keeps_its_latent_scale
     assert not model.vae.training and model.model.training
     batch = collator_batch()
     assert float(model.latent_std) == 0.0
+    calls = []
+    for child in (model.vae, model.model):
+        child.register_forward_pre_hook(lambda module, args: calls.append(module))
     out = model(batch)
+    assert calls == [model.vae, model.model]  # both through __call__ (FSDP2 units)
     std = float(model.latent_std)
     assert std > 0 and float(model.latents(batch).std(unbiased=False)) == pytest.approx(1.0, abs=0.15)
     model.loss(out, batch).backward()
@@ -352,3 +377,49 @@ def test_latent_package_imports_only_lower_layers():
     assert len(latent) >= 6
     allowed = ("ddsc.latent", "ddsc.model", "ddsc.data", "ddsc.diffusion", "ddsc.config", "ddsc.errors")
     assert sorted(f"{m} -> {t}" for m, ts in latent.items() for t in ts if not t.startswith(allowed)) == []
+
+
+def test_both_stages_train_with_the_composer_engine(tmp_path):
+    """VAE, then the latent DiT on the VAE run's save folder: the same MDS data, loaders and engine as the DiT."""
+    from train_data import write_mds
+
+    from ddsc.train.trainer import check_data, train
+
+    write_mds(tmp_path / "mds", n_train=32, n_valid=8)
+    common = [
+        f"data.streams.demo.remote={tmp_path / 'mds'}",
+        "data.max_length=16",
+        "data.num_workers=0",
+        "model.gene_vocab_size=200",
+        "model.conditions=[{name: cell_line_id}, {name: drug}]",
+        "trainer.max_duration=4ba",
+        "trainer.global_train_batch_size=8",
+        "trainer.device_train_microbatch_size=4",
+        "trainer.device_eval_batch_size=8",
+        "trainer.eval_interval=4ba",
+        "trainer.save_interval=4ba",
+        "trainer.precision=fp32",
+        "trainer.progress_bar=false",
+        "trainer.log_to_console=false",
+        f"trainer.save_folder={tmp_path}/{{run_name}}",
+    ]
+    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
+    vae_config = load_config(RunConfig, ROOT / "yamls" / "latent_vae_demo_cpu.yaml", [*common, *small_vae])
+    check_data(vae_config)
+    vae = train(vae_config)
+    assert vae.batches == 4 and np.isfinite(vae.metrics["eval/nb_nll"]) and vae.metrics["eval/kl"] >= 0
+    dit_args = [
+        *common,
+        f"latent_dit.vae={tmp_path / 'latent-vae-demo'}",
+        "latent_dit.d_model=32",
+        "latent_dit.n_layers=1",
+    ]
+    dit_config = load_config(RunConfig, ROOT / "yamls" / "latent_dit_demo_cpu.yaml", dit_args)
+    check_data(dit_config)
+    dit = train(dit_config)
+    assert dit.batches == 4 and 0 < dit.metrics["eval/flow_mse"] < 10
+    saved = read_vae_run(str(tmp_path / "latent-vae-demo"))
+    resolved = load_config(RunConfig, tmp_path / "latent-dit-demo" / "config.yaml")
+    assert resolved.latent_vae == saved.latent_vae and resolved.family == "latent_dit"
+    state = torch.load(tmp_path / "latent-dit-demo" / "latest-rank0.pt", map_location="cpu", weights_only=False)
+    assert float(state["state"]["model"]["latent_std"]) > 0  # the latent scale is kept in the checkpoint

@@ -90,7 +90,8 @@ def scalar_mlp(d_model: int) -> nn.Sequential:
 
 
 class LatentVAE(nn.Module):
-    """``encode(batch) -> Posterior``; ``decode(z, gene_ids, log_library) -> NBParams``; ``loss(batch)``."""
+    """``encode(batch) -> Posterior``; ``decode(z, gene_ids, log_library) -> NBParams``; ``loss(batch)``
+    (also ``forward``)."""
 
     def __init__(self, cfg: LatentVAEConfig, gene_vocab_size: int):
         super().__init__()
@@ -162,6 +163,17 @@ class LatentVAE(nn.Module):
         log_mu = self.gene_log_rate(gene_ids)[..., 0].float() + out[..., 0] + log_library.float()[:, None]
         log_theta = self.gene_log_theta(gene_ids)[..., 0].float().clamp(*LOG_THETA_RANGE)
         return NBParams(log_mu, log_theta, out[..., 1] if self.cfg.zero_inflated else None)
+
+    def forward(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None = None, encode_only: bool = False
+    ) -> VAEOutput | Posterior:
+        """``loss(batch)``, or with ``encode_only`` the posterior ``encode(batch)``.
+
+        The Composer wrappers call the VAE through here, not through its methods: under FSDP2 the VAE is a
+        sharded unit (Composer wraps every child of the ``ComposerModel``) whose weights are gathered by hooks
+        on ``__call__`` only.
+        """
+        return self.encode(batch) if encode_only else self.loss(batch, generator)
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> VAEOutput:
         """The beta-weighted negative ELBO of a collator batch (one posterior sample per cell)."""

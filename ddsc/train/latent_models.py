@@ -15,6 +15,12 @@ The latent DiT's VAE is frozen: no gradients, eval mode whatever Composer asks (
 its weights ride along in the DiT's checkpoints, so a checkpoint is self-contained. The latent scale
 (``latent_std``) is a buffer, saved too: fixed by ``latent_dit.latent_std`` or estimated once, on the first
 batch (averaged over ranks), and kept for the rest of the run and across resumes.
+
+Precision. Under FSDP2 mixed precision (GPU, ``amp_bf16``) the root module's floating-point inputs are cast
+to bf16, the collator's float32 ``counts`` included, so counts above 256 reach the VAE's NB likelihood rounded
+to bf16's 3 significant digits (a count of 1001 becomes 1000). Rare in UMI data and small in log-likelihood,
+but not exact; DDP, the CPU paths and the latent DiT (counts are only an encoder input there) are unaffected.
+The exact fix is integer counts in the batch, a collator change.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ class LatentVAEComposerModel(_SeededEval):
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> VAEOutput:
         with autocast(batch["gene_ids"].device.type, self.autocast_dtype):
-            return self.model.loss(batch, generator=generator)
+            return self.model(batch, generator=generator)  # through __call__: FSDP's hooks gather the weights
 
 
 class LatentDiTComposerModel(_SeededEval):
@@ -133,7 +139,7 @@ class LatentDiTComposerModel(_SeededEval):
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """The batch's cells as scaled latents ``[B, m, d]`` float32 (posterior means, or samples)."""
-        posterior = self.vae.encode(batch)
+        posterior = self.vae(batch, encode_only=True)  # through __call__, for FSDP (``LatentVAE.forward``)
         z = posterior.sample(generator) if self.cfg.latent_sample else posterior.mean
         if float(self.latent_std) == 0.0:
             self.latent_std.fill_(estimate_std(z))
