@@ -29,7 +29,9 @@ class LatentVAEConfig:
     ``beta`` weights the KL term against the NB log-likelihood summed over a cell's genes. It is small by
     default because the latents are for a diffusion model, not for a prior draw: they must keep the cell's
     detail (low reconstruction error) while the KL only keeps their scale and smoothness in check (the latent
-    DiT rescales them to unit variance anyway). ``init_log_rate`` is the initial log share of the library
+    DiT rescales them to unit variance anyway). Measured on the demo data after 300 batches: ``beta = 0.1``
+    collapsed the posterior to the prior (KL ~2 nats per cell, and decoding its means was worse than decoding
+    zeros), ``1e-3`` kept the latents informative (decoding the means beat decoding zeros or another cell's). ``init_log_rate`` is the initial log share of the library
     for every gene (about ``-log(genes per cell)``), so that the first steps do not predict a whole
     library for each gene.
     """
@@ -42,7 +44,7 @@ class LatentVAEConfig:
     decoder_layers: int = 2  # cross-attention blocks from the queried genes to the latents
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    beta: float = 0.1
+    beta: float = 1e-3
     zero_inflated: bool = False
     init_log_rate: float = -7.0
     logvar_min: float = -12.0  # clamp of the posterior log-variance: exp(-12) is far below any useful noise
