@@ -22,6 +22,7 @@ from ddsc.model.config import ConditionConfig
 from ddsc.model.dit import DiT
 from ddsc.train.builders import build_composer_model, parameter_groups
 from ddsc.train.config import RunConfig
+from ddsc.train.export import export_checkpoint
 from ddsc.train.latent_models import LatentDiTComposerModel, LatentVAEComposerModel, read_vae_run
 from ddsc.train.run import resolve_latent_vae, resolve_model_config
 
@@ -364,6 +365,8 @@ def test_latent_dit_run_reads_the_vae_run_config_and_weights(tmp_path):
         resolve_latent_vae(
             run_config("latent_dit_demo_cpu.yaml", f"latent_dit.vae={folder}", "model.gene_vocab_size=9")
         )
+    with pytest.raises(ValueError, match="latent family is not done yet"):
+        export_checkpoint(folder, tmp_path / "hf")
     with pytest.raises(ConfigError, match="not a latent_vae run"):
         save_config(run_config("demo_cpu.yaml"), folder / "config.yaml")
         read_vae_run(str(folder))
