@@ -57,12 +57,26 @@ def resolve_precision(trainer: TrainerConfig, device: str) -> tuple[str, torch.d
     return "fp32", torch.bfloat16 if want == "amp_bf16" else None
 
 
+def build_composer_model(config: RunConfig, autocast_dtype: torch.dtype | None):
+    """The ``ComposerModel`` of the run's ``family``: the masked DiT, or a latent-family wrapper."""
+    if config.family == "masked":
+        from ddsc.train.composer_model import DDSCComposerModel
+
+        return DDSCComposerModel(config.model, config.diffusion, autocast_dtype)
+    from ddsc.train.latent_models import build_latent_model
+
+    return build_latent_model(config, autocast_dtype)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on the linear layers' weights only (nanoGPT's split): never on embeddings (whose row 0 of
-    each condition table is the learned null label), biases or norms."""
+    each condition table is the learned null label), biases or norms. Frozen parameters (the latent DiT's VAE)
+    are left out of the optimizer."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
             (decay if isinstance(module, torch.nn.Linear) and name == "weight" else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -67,6 +67,8 @@ def export_checkpoint(
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
     run = load_config(RunConfig, config_path)
+    if run.family != "masked":
+        raise ValueError(f"{checkpoint}: a {run.family} run; Hugging Face export of the latent family is not done yet")
     data = dataclasses.replace(
         run.data,
         labels=str(labels_path) if labels_path else run.data.labels,

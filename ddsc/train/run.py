@@ -114,12 +114,29 @@ def check_condition_values(model: ModelConfig, labels: LabelVocab | None) -> Non
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
-    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing, and every
-    molecule / scalar value of the data checked to encode (``check_condition_values``)."""
+    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing, every
+    molecule / scalar value of the data checked to encode (``check_condition_values``) and, for ``latent_dit``,
+    the VAE's section read from its run (``resolve_latent_vae``)."""
     labels = load_labels(config)
     model = resolve_model_config(config.model, labels)
     check_condition_values(model, labels)
-    return dataclasses.replace(config, model=model)
+    return resolve_latent_vae(dataclasses.replace(config, model=model))
+
+
+def resolve_latent_vae(config: RunConfig) -> RunConfig:
+    """A ``latent_dit`` run's ``latent_vae`` section is the VAE run's own (its ``config.yaml``), so the run's saved
+    config describes the VAE it encodes with; the two runs must share the gene vocabulary."""
+    if config.family != "latent_dit":
+        return config
+    from ddsc.train.latent_models import read_vae_run
+
+    vae_run = read_vae_run(config.latent_dit.vae)
+    if vae_run.model.gene_vocab_size != config.model.gene_vocab_size:
+        raise ConfigError(
+            f"model.gene_vocab_size={config.model.gene_vocab_size} but the VAE run {config.latent_dit.vae} has "
+            f"{vae_run.model.gene_vocab_size}: the latent DiT must use the VAE's gene vocabulary"
+        )
+    return dataclasses.replace(config, latent_vae=vae_run.latent_vae)
 
 
 def device_batch_size(config: RunConfig, world_size: int) -> int:

@@ -23,7 +23,17 @@ COMPOSER_LATEST = "latest-rank0.pt"  # the pointer Composer keeps to its newest 
 
 # Dotted prefixes that must not change across a resume; everything else (durations, intervals, loggers, the
 # number of ranks, the LR) may.
-FROZEN_KEYS = ("model", "data.binning", "data.max_length", "diffusion", "optimizer.name", "parallelism.engine")
+FROZEN_KEYS = (
+    "family",
+    "model",
+    "data.binning",
+    "data.max_length",
+    "diffusion",
+    "latent_vae",
+    *(f"latent_dit.{k}" for k in ("d_model", "n_layers", "n_heads", "mlp_ratio", "latent_sample", "latent_std")),
+    "optimizer.name",
+    "parallelism.engine",
+)
 
 
 def resolve_save_folder(config: RunConfig) -> str | None:

@@ -70,6 +70,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     from ddsc.train.builders import (
         build_algorithms,
         build_callbacks,
+        build_composer_model,
         build_loggers,
         build_optimizer,
         build_parallelism,
@@ -79,7 +80,6 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     )
     from ddsc.train.callbacks import ResetEvalNoise, SaveResolvedConfig, SeedEachBatch
     from ddsc.train.checkpoint_integrity import composer_folder, recover_on_rank_zero
-    from ddsc.train.composer_model import DDSCComposerModel
     from ddsc.train.console import MetricLines
     from ddsc.train.run_folder import composer_resume_path, resolve_save_folder
 
@@ -115,7 +115,7 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     if trainer_cfg.preview_interval:
         callbacks.append(build_preview(config, eval_loader))
     reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun
-    model = DDSCComposerModel(config.model, config.diffusion, autocast_dtype)
+    model = build_composer_model(config, autocast_dtype)  # the masked DiT or a latent-family wrapper
     if par.compile:
         model.model.compile_blocks()
     if par.activation_checkpointing and parallelism is None:
