@@ -63,11 +63,8 @@ def prepare(data: Path, work: Path, seed: int) -> Path:
 def train(mds: Path, work: Path, args: argparse.Namespace) -> Path:
     ckpt = work / "checkpoints"
     if not (ckpt / "latest-rank0.pt").exists():
-        from ddsc.data.vocab import GeneVocab
-
         overrides = [
             f"data.streams.demo.remote={mds}",
-            f"model.gene_vocab_size={len(GeneVocab.from_json(mds / 'vocab.json'))}",
             "model.conditions=[]",
             f"model.d_model={args.d_model}",
             f"model.n_layers={args.n_layers}",

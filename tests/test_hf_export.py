@@ -119,13 +119,14 @@ def composer_run(data, tmp_path_factory):
     from ddsc.train.callbacks import SaveResolvedConfig
     from ddsc.train.composer_model import DDSCComposerModel
     from ddsc.train.hf_export_callback import HFExport
-    from ddsc.train.run import build_loaders, load_labels, resolve_run_config
+    from ddsc.train.run import build_loaders, resolve_run
 
     save = tmp_path_factory.mktemp("run")
-    config = resolve_run_config(run_config(data, save))
-    train_loader, _ = build_loaders(config, world_size=1)
+    run = resolve_run(run_config(data, save))
+    config = run.config
+    train_loader, _ = build_loaders(run, world_size=1)
     model = DDSCComposerModel(config.model, config.diffusion)
-    export = HFExport("2ba", save / "hf", config, GeneVocab.from_json(data / "vocab.json"), load_labels(config))
+    export = HFExport("2ba", save / "hf", run)
     trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
@@ -274,13 +275,13 @@ def test_deepspeed_zero_checkpoint_export(data, tmp_path):
                           LOCAL_RANK="0", WORLD_SIZE="1")
         import deepspeed, torch
         from safetensors.torch import save_file
-        from ddsc.train.run import resolve_run_config
+        from ddsc.train.run import resolve_run
         from pathlib import Path
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_hf_export import run_config, a_batch
         from ddsc.train.composer_model import DDSCComposerModel
-        config = resolve_run_config(run_config(Path({str(data)!r}), Path({str(tmp_path / "ds")!r})))
+        config = resolve_run(run_config(Path({str(data)!r}), Path({str(tmp_path / "ds")!r}))).config
         model = DDSCComposerModel(config.model, config.diffusion)
         deepspeed.init_distributed(dist_backend="gloo")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={{
@@ -295,9 +296,9 @@ def test_deepspeed_zero_checkpoint_export(data, tmp_path):
     """)
     (tmp_path / "ds").mkdir()  # the run config is written beside the checkpoint, as a trainer does
     from ddsc.config import save_config
-    from ddsc.train.run import resolve_run_config
+    from ddsc.train.run import resolve_run
 
-    save_config(resolve_run_config(run_config(data, tmp_path / "ds")), tmp_path / "ds" / "config.yaml")
+    save_config(resolve_run(run_config(data, tmp_path / "ds")).config, tmp_path / "ds" / "config.yaml")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     from safetensors.torch import load_file

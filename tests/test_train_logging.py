@@ -22,7 +22,7 @@ from ddsc.diffusion.samplers import sample
 from ddsc.model.dit import DiT
 from ddsc.train.checkpoints import read_model_state
 from ddsc.train.config import RunConfig
-from ddsc.train.run import build_loaders, build_preview, resolve_run_config
+from ddsc.train.run import build_loaders, build_preview, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"\[metric\]\[batch=(\d+)\]: (\S+): (\S+)")
@@ -72,10 +72,11 @@ def run(tmp_path_factory):
 
 def test_preview_metrics_equal_a_direct_computation(run):
     tmp, config, logged = run
-    config = resolve_run_config(config)
+    resolved = resolve_run(config)
+    config = resolved.config
     dit = DiT(config.model)
     dit.load_state_dict(read_model_state(tmp / "run" / "ep0-ba4-rank0.pt"))
-    _, eval_loader = build_loaders(config, world_size=1)
+    _, eval_loader = build_loaders(resolved, world_size=1)
     preview = build_preview(config, eval_loader)
     batch = preview.batch
     assert batch["gene_ids"].shape[0] == 6

@@ -56,6 +56,7 @@ class ConditionConfig:
 
 # (d_model, n_layers, n_heads). "ddsc" is the size of the original DDSC model. Parameter counts (DiT.num_params,
 # Tahoe gene vocabulary, 51 bins, no conditions) include the adaLN maps (6 d^2 per block, a third of each block).
+TAHOE_GENE_VOCAB_SIZE = 62_710  # Tahoe-100M gene_metadata rows (ids 0..2 are specials): the presets' default
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 4),  # 4M (0.2M outside the embeddings)
     "small": (256, 4, 4),  # 21M
@@ -74,7 +75,7 @@ class ModelConfig:
     n_heads: int = 12
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    gene_vocab_size: int = 62_710  # Tahoe-100M gene_metadata rows (ids 0..2 are specials)
+    gene_vocab_size: int = 0  # gene embedding rows; 0: a training run takes the data's vocab.json size
     num_bins: int = 51  # must equal data.binning.num_bins (checked by RunConfig)
     time_conditioning: bool = False  # MDLM's log-linear schedule works without t; optional
     # "unpadded": position-wise layers on real tokens only, attention without a mask when nothing is padding
@@ -87,13 +88,16 @@ class ModelConfig:
             raise ConfigError(f"n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attention not in ("unpadded", "masked"):
             raise ConfigError(f"attention: must be 'unpadded' or 'masked', got {self.attention!r}")
-        for name in ("d_model", "n_layers", "n_heads", "gene_vocab_size", "num_bins"):
+        for name in ("d_model", "n_layers", "n_heads", "num_bins"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.gene_vocab_size < 0:
+            raise ConfigError(f"gene_vocab_size: must be positive (or 0: from the data), got {self.gene_vocab_size}")
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> ModelConfig:
         if preset not in PRESETS:
             raise ConfigError(f"unknown model preset '{preset}' (choose from {', '.join(PRESETS)})")
         d_model, n_layers, n_heads = PRESETS[preset]
+        overrides.setdefault("gene_vocab_size", TAHOE_GENE_VOCAB_SIZE)
         return cls(d_model=d_model, n_layers=n_layers, n_heads=n_heads, **overrides)

@@ -204,6 +204,10 @@ class DiT(nn.Module):
         for condition in cfg.conditions:
             if condition.kind == "label" and condition.num_labels <= 0:
                 raise ValueError(f"model.conditions.{condition.name}.num_labels must be filled (> 0) before building")
+        if cfg.gene_vocab_size <= 0:
+            raise ValueError(
+                "model.gene_vocab_size must be filled (> 0) before building (a run takes vocab.json's size)"
+            )
         self.cfg = cfg
         self.tokens = ExpressionTokens(cfg.num_bins)
         d = cfg.d_model

@@ -170,7 +170,8 @@ class DeepSpeedRun:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             enable_tf32()
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "gpu" else "gloo")
-        self.config = config = prepare_run(config, self.device)
+        run = prepare_run(config, self.device)
+        self.config = config = run.config
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.max_batches = batches(trainer.max_duration, "trainer.max_duration")
         self.eval_every = batches(trainer.eval_interval, "trainer.eval_interval")
@@ -180,7 +181,7 @@ class DeepSpeedRun:
         precision = deepspeed_precision(config, self.device)  # after init: every rank makes the same choice
         ds_config = deepspeed_config(config, self.world_size, precision)
 
-        self.train_loader, self.eval_loader = build_loaders(config, self.world_size)
+        self.train_loader, self.eval_loader = build_loaders(run, self.world_size)
         reproducibility.seed_all(trainer.seed)  # same initial weights as the Composer engine, on every rank
         model = DDSCComposerModel(config.model, config.diffusion, precision.autocast_dtype)
         if config.parallelism.compile:

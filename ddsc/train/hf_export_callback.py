@@ -16,17 +16,16 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ddsc.data.labels import LabelVocab
-from ddsc.data.vocab import GeneVocab
 from ddsc.model.export import hf_config_from_run, write_hf_folder
 from ddsc.model.hf import DDSCModel
 from ddsc.train.checkpoints import strip_wrappers
+from ddsc.train.run import ResolvedRun
 
 
 class HFExport(Callback):
-    """``interval`` like ``"500ba"`` (batches only); ``run_config`` is the resolved RunConfig of the run."""
+    """``interval`` like ``"500ba"`` (batches only); ``run``: the resolved run (its config and vocabularies)."""
 
-    def __init__(self, interval: str, folder: str | Path, run_config, vocab: GeneVocab, labels: LabelVocab | None):
+    def __init__(self, interval: str, folder: str | Path, run: ResolvedRun):
         time = Time.from_timestring(interval)
         if time.unit != TimeUnit.BATCH or time.value < 1:
             raise ValueError(
@@ -34,9 +33,7 @@ class HFExport(Callback):
             )
         self.every = int(time.value)
         self.folder = Path(folder)
-        self.run_config = run_config
-        self.vocab = vocab
-        self.labels = labels
+        self.run = run
         self.exported: list[Path] = []
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -57,9 +54,9 @@ class HFExport(Callback):
             weights = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
         if dist.get_global_rank() != 0:
             return
-        hf_model = DDSCModel(hf_config_from_run(self.run_config))
+        hf_model = DDSCModel(hf_config_from_run(self.run.config))
         hf_model.dit.load_state_dict({k: v.float() for k, v in strip_wrappers(weights).items()})
         out = self.folder / f"ba{int(state.timestamp.batch)}"
         with torch.no_grad():
-            write_hf_folder(hf_model, out, self.vocab, self.labels, self.run_config)
+            write_hf_folder(hf_model, out, self.run.vocab, self.run.labels, self.run.config)
         self.exported.append(out)

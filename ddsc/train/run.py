@@ -1,9 +1,10 @@
-"""The run resolved once, for both engines, the HF-export callback and ``ddsc export``.
+"""The run resolved once, for both engines and the HF-export callback: a ``ResolvedRun``.
 
 A ``RunConfig`` as written names files; a run needs what they hold: the label vocabulary (condition sizes), the
-gene vocabulary (checked against the embedding), the saved run's config (what may not change on resume) and,
-on CPU, the precision the run settled on. ``prepare_run`` does all of it once the process group exists;
-``build_loaders`` turns the resolved config into the streaming loaders both engines iterate.
+gene vocabulary (the embedding size), the saved run's config (what may not change on resume) and, on CPU, the
+precision the run settled on. ``prepare_run`` reads and checks all of it once the process group exists and
+returns the config as the run saves it together with the vocabularies it read; ``build_loaders`` turns that
+into the streaming loaders both engines iterate. Nothing downstream re-reads ``labels.json`` or ``vocab.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ddsc.data.labels import LabelVocab
 from ddsc.data.remote import is_url
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.streaming import build_dataloader
+from ddsc.data.vocab import GeneVocab
 from ddsc.model.conditions import ConditionValueError, encode_values
 from ddsc.model.config import ModelConfig
 from ddsc.train.assets import fetch_assets, local_path
@@ -41,6 +43,16 @@ class TrainSummary:
             return f"run already complete: {self.batches} batches ({self.samples} cells) trained; nothing to do"
         parts = [f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())]
         return f"trained {self.batches} batches ({self.samples} cells) in {self.wall_s:.1f}s: " + " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run as training uses it: ``config`` as saved (condition sizes and ``model.gene_vocab_size`` filled in
+    from the data, a ``latent_dit`` run's VAE section, on CPU the settled precision) and the vocabularies read."""
+
+    config: RunConfig
+    vocab: GeneVocab
+    labels: LabelVocab | None
 
 
 def hf_export_folder(config: RunConfig) -> Path:
@@ -113,14 +125,16 @@ def check_condition_values(model: ModelConfig, labels: LabelVocab | None) -> Non
             )
 
 
-def resolve_run_config(config: RunConfig) -> RunConfig:
-    """The config as it will be saved: label counts filled in, so the checkpoint is self-describing, every
-    molecule / scalar value of the data checked to encode (``check_condition_values``) and, for ``latent_dit``,
-    the VAE's section read from its run (``resolve_latent_vae``)."""
+def resolve_run(config: RunConfig) -> ResolvedRun:
+    """The config as it will be saved, so the checkpoint is self-describing: label counts and the gene vocabulary
+    size filled in, every molecule / scalar value of the data checked to encode (``check_condition_values``) and,
+    for ``latent_dit``, the VAE's section read from its run (``resolve_latent_vae``); with the vocabularies."""
     labels = load_labels(config)
+    vocab = load_gene_vocab(config)
     model = resolve_model_config(config.model, labels)
+    model = dataclasses.replace(model, gene_vocab_size=resolve_gene_vocab_size(model, vocab, config))
     check_condition_values(model, labels)
-    return resolve_latent_vae(dataclasses.replace(config, model=model))
+    return ResolvedRun(resolve_latent_vae(dataclasses.replace(config, model=model)), vocab, labels)
 
 
 def resolve_latent_vae(config: RunConfig) -> RunConfig:
@@ -146,13 +160,14 @@ def device_batch_size(config: RunConfig, world_size: int) -> int:
     return batch // world_size
 
 
-def build_loaders(config: RunConfig, world_size: int):
+def build_loaders(run: ResolvedRun, world_size: int):
     """(train loader, eval loader or None) over the MDS streams, batched per rank."""
+    config = run.config
     data = config.data
     collator = CellCollator(
         max_length=data.max_length,
         binning=data.binning,
-        labels=load_labels(config),
+        labels=run.labels,
         conditions=config.model.conditions,
         seed=config.trainer.seed,
         gene_vocab_size=config.model.gene_vocab_size,
@@ -182,40 +197,49 @@ def build_preview(config: RunConfig, eval_loader):
     )
 
 
-def check_gene_vocab(config: RunConfig) -> None:
-    """The gene embedding must cover every token id of the data's vocabulary, or training would fail with an
-    index error at the first cell holding a gene beyond it (checked when the vocabulary file is local)."""
-    from ddsc.data.vocab import GeneVocab
-
+def load_gene_vocab(config: RunConfig) -> GeneVocab:
+    """The data's gene vocabulary (local, or fetched by ``fetch_assets``)."""
     path = local_path(config, VOCAB_FILE)
     if not Path(path).is_file():
         raise ConfigError(f"data.vocab: {path} not found (the gene vocabulary data_prep writes beside the splits)")
-    needed = len(GeneVocab.from_json(path))
-    if needed > config.model.gene_vocab_size:
+    try:
+        return GeneVocab.from_json(path)
+    except ValueError as err:
+        raise ConfigError(f"data.vocab: {err}") from None
+
+
+def resolve_gene_vocab_size(model: ModelConfig, vocab: GeneVocab, config: RunConfig) -> int:
+    """``model.gene_vocab_size``: 0 (the default) takes the vocabulary's size; a set value must cover every token
+    id of the vocabulary, or training would fail with an index error at the first cell holding a gene beyond it."""
+    needed = len(vocab)
+    if model.gene_vocab_size == 0:
+        return needed
+    if needed > model.gene_vocab_size:
         raise ConfigError(
-            f"model.gene_vocab_size={config.model.gene_vocab_size} is smaller than the gene vocabulary {path} "
-            f"(token ids up to {needed - 1}): set model.gene_vocab_size={needed}"
+            f"model.gene_vocab_size={model.gene_vocab_size} is smaller than the gene vocabulary "
+            f"{local_path(config, VOCAB_FILE)} (token ids up to {needed - 1}): set model.gene_vocab_size={needed} "
+            "or leave it out (0: from the vocabulary)"
         )
+    return model.gene_vocab_size
 
 
-def check_run(config: RunConfig, device: str | None = None) -> RunConfig:
-    """The resolved config, after the checks that need the vocabularies and the saved run's config.
+def check_run(config: RunConfig, device: str | None = None) -> ResolvedRun:
+    """The resolved run (``resolve_run``), after the check against the saved run's config.
 
     With the training ``device`` ("cpu" or "gpu"; inside the launched processes), ``precision: auto`` on CPU is
     also settled to the concrete choice (``settle_cpu_precision``), which is what the run then saves.
     """
     from ddsc.train.run_folder import check_compatible, read_saved_config, resolve_save_folder
 
-    resolved = resolve_run_config(config)
-    check_gene_vocab(config)
+    run = resolve_run(config)
     save_folder = resolve_save_folder(config)
     saved = read_saved_config(save_folder) if save_folder and config.trainer.autoresume else None
     if saved is not None:
-        check_compatible(saved, resolved)
-    if device == "cpu" and resolved.trainer.precision == "auto":
-        trainer = dataclasses.replace(resolved.trainer, precision=settle_cpu_precision(saved))
-        resolved = dataclasses.replace(resolved, trainer=trainer)
-    return resolved
+        check_compatible(saved, run.config)
+    if device == "cpu" and run.config.trainer.precision == "auto":
+        trainer = dataclasses.replace(run.config.trainer, precision=settle_cpu_precision(saved))
+        run = dataclasses.replace(run, config=dataclasses.replace(run.config, trainer=trainer))
+    return run
 
 
 def settle_cpu_precision(saved: dict | None) -> str:
@@ -228,7 +252,7 @@ def settle_cpu_precision(saved: dict | None) -> str:
     return choice
 
 
-def prepare_run(config: RunConfig, device: str) -> RunConfig:
+def prepare_run(config: RunConfig, device: str) -> ResolvedRun:
     """Once the process group exists: fetch remote vocabularies, check, and resolve the config."""
     fetch_assets(config)
     return check_run(config, device)

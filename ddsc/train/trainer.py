@@ -13,7 +13,6 @@ from composer.utils import dist
 
 from ddsc.config import ConfigError
 from ddsc.data.remote import is_url
-from ddsc.data.schema import VOCAB_FILE
 from ddsc.data.streaming import check_streams
 from ddsc.train.assets import all_local, local_path, needed
 from ddsc.train.config import RunConfig
@@ -23,7 +22,6 @@ from ddsc.train.run import (
     build_preview,
     check_run,
     hf_export_folder,
-    load_labels,
     prepare_run,
 )
 
@@ -91,7 +89,8 @@ def _train_composer(config: RunConfig) -> TrainSummary:
         # Before the loaders: Streaming registers its shared memory with barriers (racy without a process
         # group), and HSDP's device mesh needs the group too.
         dist.initialize_dist(get_device(device))
-    config = prepare_run(config, device)  # after the group: one precision choice for all ranks
+    run = prepare_run(config, device)  # after the group: one precision choice for all ranks
+    config = run.config
     trainer_cfg = config.trainer
     precision, autocast_dtype = resolve_precision(trainer_cfg, device)
     if par.strategy in ("fsdp", "hsdp"):
@@ -104,14 +103,11 @@ def _train_composer(config: RunConfig) -> TrainSummary:
     if save_folder:
         callbacks.append(SaveResolvedConfig(config, save_folder))
     if trainer_cfg.hf_export_interval:
-        from ddsc.data.vocab import GeneVocab
         from ddsc.train.hf_export_callback import HFExport
 
-        vocab = GeneVocab.from_json(local_path(config, VOCAB_FILE))
-        export = HFExport(trainer_cfg.hf_export_interval, hf_export_folder(config), config, vocab, load_labels(config))
-        callbacks.append(export)
+        callbacks.append(HFExport(trainer_cfg.hf_export_interval, hf_export_folder(config), run))
 
-    train_loader, eval_loader = build_loaders(config, world_size)
+    train_loader, eval_loader = build_loaders(run, world_size)
     if trainer_cfg.preview_interval:
         callbacks.append(build_preview(config, eval_loader))
     reproducibility.seed_all(trainer_cfg.seed)  # same initial weights on every rank and in every rerun
