@@ -94,3 +94,38 @@ def test_modules_stay_small():
         str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 350
     }
     assert long == {}
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent is a module, not a package
+        return False
+
+
+def test_references_in_the_package_exist():
+    """Every ``ddsc.module.name`` a docstring or comment names resolves, and every ``*.py`` / ``*.md`` file it
+    names is in the repository (generated outputs such as a report's ``summary.md`` excepted)."""
+    import importlib
+    import re
+
+    root = PACKAGE.parent
+    files = {p.name for p in root.rglob("*") if not {".venv", ".git"} & set(p.parts)}
+    generated, examples = {"summary.md"}, {"ddsc.a.b", "ddsc.x.y"}  # a report's page; relative_imports' docstring
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        for ref in {m.rstrip(".") for m in re.findall(r"\bddsc(?:\.[A-Za-z_]\w*)+", text)} - examples:
+            parts = ref.split(".")
+            depth = next(i for i in range(len(parts), 0, -1) if _is_module(".".join(parts[:i])))
+            obj = importlib.import_module(".".join(parts[:depth]))
+            for attr in parts[depth:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(f"{path.name}: {ref}")
+        for ref in set(re.findall(r"[\w./-]+\.(?:py|md)\b", text)):
+            if Path(ref).name not in files | generated:
+                missing.append(f"{path.name}: {ref}")
+    assert missing == []
