@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddsc.model.dit import DiTBlock, Layout, _in_dtype_of
+from ddsc.model.dit import DiTBlock, Layout, in_dtype_of
 
 
 class CrossBlock(nn.Module):
@@ -45,14 +45,14 @@ class CrossBlock(nn.Module):
 
     def body(self, x: Tensor, context: Tensor, key_mask: Tensor | None) -> Tensor:
         batch, queries, width = x.shape
-        q = self.q(_in_dtype_of(self.norm_q(x), self.q))
-        k, v = self.kv(_in_dtype_of(self.norm_kv(context), self.kv)).chunk(2, dim=-1)
+        q = self.q(in_dtype_of(self.norm_q(x), self.q))
+        k, v = self.kv(in_dtype_of(self.norm_kv(context), self.kv)).chunk(2, dim=-1)
         q, k, v = (h.view(batch, h.shape[1], self.n_heads, -1).transpose(1, 2) for h in (q, k, v))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(batch, queries, width))
         x = x.float() + out.float()
-        return x + self.mlp(_in_dtype_of(self.norm2(x), self.mlp[0])).float()
+        return x + self.mlp(in_dtype_of(self.norm2(x), self.mlp[0])).float()
 
 
 def self_attention(blocks: nn.ModuleList, x: Tensor, c: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from ddsc.latent.blocks import CrossBlock, compile_blocks, is_block, self_attent
 from ddsc.latent.config import LatentVAEConfig
 from ddsc.latent.nb import nb_log_prob_log_space
 from ddsc.model.config import ModelConfig
-from ddsc.model.dit import DiTBlock, Float32Linear, _in_dtype_of
+from ddsc.model.dit import DiTBlock, Float32Linear, in_dtype_of, init_weights
 
 LOG_THETA_RANGE = (-8.0, 12.0)  # inverse dispersion between 3e-4 and 1.6e5 (beyond: a Poisson)
 
@@ -124,12 +124,7 @@ class LatentVAE(nn.Module):
         """Xavier linears, N(0, 0.02) embeddings and queries, zero adaLN maps (blocks start as the identity),
         a zero output head, so the first prediction is the per-gene baseline (``init_log_rate``, theta = 1,
         zero-inflation 5%)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+        init_weights(self)
         nn.init.normal_(self.queries, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaln[-1].weight)
@@ -145,7 +140,7 @@ class LatentVAE(nn.Module):
         """The posterior over ``[B, m, d]`` latents from ``gene_ids``, ``counts`` and ``attention_mask``."""
         gene_ids, counts, keys = batch["gene_ids"], batch["counts"], batch["attention_mask"]
         features = torch.log1p(torch.where(keys, counts.float(), 0.0))[..., None]
-        tokens = self.gene_embedding(gene_ids).float() + self.count_mlp(_in_dtype_of(features, self.count_mlp[0]))
+        tokens = self.gene_embedding(gene_ids).float() + self.count_mlp(in_dtype_of(features, self.count_mlp[0]))
         x = self.queries.float()[None].expand(gene_ids.shape[0], -1, -1)
         x = self.cross(x, tokens, keys)
         x = self_attention(self.blocks, x, x.new_zeros(x.shape[0], self.cfg.d_model))
@@ -154,9 +149,9 @@ class LatentVAE(nn.Module):
 
     def decode(self, z: Tensor, gene_ids: Tensor, log_library: Tensor) -> NBParams:
         """NB parameters [B, G] of the genes ``gene_ids`` [B, G] given latents ``z`` [B, m, d] and ``log L`` [B]."""
-        context = self.latent_in(_in_dtype_of(z, self.latent_in)).float() + self.latent_position.weight.float()
+        context = self.latent_in(in_dtype_of(z, self.latent_in)).float() + self.latent_position.weight.float()
         library = log_library.float()[:, None, None]
-        x = self.query_embedding(gene_ids).float() + self.library_mlp(_in_dtype_of(library, self.library_mlp[0]))
+        x = self.query_embedding(gene_ids).float() + self.library_mlp(in_dtype_of(library, self.library_mlp[0]))
         for block in self.decoder:
             x = block(x, context)
         out = self.head(self.decoder_norm(x))

@@ -16,7 +16,7 @@ casts the module), with or without autocast around it:
 - The residual stream is float32: the embeddings are summed in float32 and every branch is added into a
   float32 stream. (FSDP2 casts the floating-point inputs of each wrapped module, a block's ``x`` and ``c``
   and the DiT's ``t``, to the parameter dtype on entry; that rounding is the mixed-precision policy's.)
-- Every matmul over positions gets its input in its weight's dtype (``_in_dtype_of``): a no-op for float32
+- Every matmul over positions gets its input in its weight's dtype (``in_dtype_of``): a no-op for float32
   weights, where autocast (if on) picks bf16, and the required cast for bf16 weights.
 - Float32 islands (``Float32Linear``): the adaLN maps, the time embedding and the output head compute in
   float32 with autocast off, on float32 copies of their weights. They see one row per cell (the head: one
@@ -62,7 +62,7 @@ class Float32Linear(nn.Linear):
             return F.linear(x.float(), self.weight.float(), bias)
 
 
-def _in_dtype_of(x: Tensor, layer: nn.Linear) -> Tensor:
+def in_dtype_of(x: Tensor, layer: nn.Linear) -> Tensor:
     """``x`` in ``layer``'s weight dtype: bf16 weights (FSDP / DeepSpeed mixed precision) need bf16 inputs."""
     return x.to(layer.weight.dtype)
 
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        qkv = self.qkv(_in_dtype_of(x, self.qkv))
+        qkv = self.qkv(in_dtype_of(x, self.qkv))
         width = qkv.shape[-1] // 3
         dropout = self.dropout if self.training else 0.0
         if (
@@ -178,7 +178,7 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = layout.per_cell(self.adaln(c.float())).chunk(6, dim=-1)
         x = torch.addcmul(x.float(), gate1, self.attn(modulate(self.norm1(x), shift1, scale1), layout))
         h = modulate(self.norm2(x), shift2, scale2)
-        return torch.addcmul(x, gate2, self.mlp(_in_dtype_of(h, self.mlp[0])))
+        return torch.addcmul(x, gate2, self.mlp(in_dtype_of(h, self.mlp[0])))
 
 
 class TimeEmbedding(nn.Module):
@@ -194,6 +194,16 @@ class TimeEmbedding(nn.Module):
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = 1000.0 * t.float()[:, None] * freqs[None, :]
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
+def init_weights(root: nn.Module) -> None:
+    """DiT's initialisation of every linear (xavier, zero bias) and embedding (N(0, 0.02)) below ``root``."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
 
 
 class DiT(nn.Module):
@@ -225,12 +235,7 @@ class DiT(nn.Module):
 
     def reset_parameters(self) -> None:
         """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN maps and zero output head."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+        init_weights(self)
         for adaln in [*(block.adaln for block in self.blocks), self.final_adaln]:
             nn.init.zeros_(adaln[-1].weight)
             nn.init.zeros_(adaln[-1].bias)

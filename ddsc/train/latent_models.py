@@ -33,7 +33,6 @@ import yaml
 from composer.models import ComposerModel
 from composer.utils import dist
 from torch import Tensor
-from torchmetrics import Metric
 
 from ddsc.config import ConfigError, from_dict
 from ddsc.latent.config import LatentDiTConfig, LatentVAEConfig
@@ -43,10 +42,9 @@ from ddsc.latent.vae import LatentVAE, VAEOutput
 from ddsc.model.config import ConditionConfig
 from ddsc.precision import autocast
 from ddsc.train.checkpoints import find_run_config, read_model_state
+from ddsc.train.composer_model import SeededEvalModel
 from ddsc.train.config import RunConfig
 from ddsc.train.metrics import _RatioMetric
-
-EVAL_SEED = 1234
 
 
 class NBNLLPerGene(_RatioMetric):
@@ -70,39 +68,7 @@ class FlowMSE(_RatioMetric):
         return out.sq_err_sum, out.num_values
 
 
-class _SeededEval(ComposerModel):
-    """What both wrappers share: autocast, the per-batch evaluation seed, the metric plumbing."""
-
-    def __init__(self, autocast_dtype: torch.dtype | None, metrics: dict[str, type[Metric]]):
-        super().__init__()
-        self.autocast_dtype = autocast_dtype
-        # Plain dicts, not submodules: FSDP must not try to shard metric state (Composer moves metrics itself).
-        self.train_metrics = {name: cls() for name, cls in metrics.items()}
-        self.val_metrics = {name: cls() for name, cls in metrics.items()}
-        self._eval_batches = 0
-
-    def loss(self, outputs, batch: dict) -> Tensor:
-        return outputs.loss
-
-    def eval_forward(self, batch: dict, outputs=None):
-        if outputs is not None:
-            return outputs
-        self._eval_batches += 1
-        generator = torch.Generator(device=batch["gene_ids"].device).manual_seed(EVAL_SEED + self._eval_batches)
-        return self(batch, generator=generator)
-
-    def reset_eval_noise(self) -> None:
-        """Called at the start of each evaluation: batch k of every evaluation gets the same noise."""
-        self._eval_batches = 0
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
-        return dict(self.train_metrics if is_train else self.val_metrics)
-
-    def update_metric(self, batch: dict, outputs, metric: Metric) -> None:
-        metric.update(outputs)
-
-
-class LatentVAEComposerModel(_SeededEval):
+class LatentVAEComposerModel(SeededEvalModel):
     """``model`` is the ``LatentVAE``; the loss is NB NLL + beta KL per cell (``LatentVAE.loss``)."""
 
     def __init__(self, cfg: LatentVAEConfig, gene_vocab_size: int, autocast_dtype: torch.dtype | None = None):
@@ -114,7 +80,7 @@ class LatentVAEComposerModel(_SeededEval):
             return self.model(batch, generator=generator)  # through __call__: FSDP's hooks gather the weights
 
 
-class LatentDiTComposerModel(_SeededEval):
+class LatentDiTComposerModel(SeededEvalModel):
     """``model`` is the ``LatentDiT`` (trained); ``vae`` the frozen VAE that encodes each batch on the fly."""
 
     def __init__(
