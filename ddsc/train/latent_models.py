@@ -20,7 +20,10 @@ Library sizes. The VAE decodes rates that are shares of the library it was given
 collator kept (at most ``max_length`` genes of a cell), so generating counts needs libraries of that kind. The
 DiT wrapper keeps a histogram of the log libraries of its training batches (``library_counts``, a buffer in
 the checkpoint; bins of ``LOG_LIBRARY_RANGE``), which the HF export ships (``ddsc.latent.hf``): the training
-distribution as the model saw it, with no pass over the data at export time.
+distribution as the model saw it, with no pass over the data at export time. With several ranks each rank
+counts its own batches and the checkpoint keeps rank 0's histogram (DDP broadcasts rank 0's buffers; monolithic
+and sharded checkpoints store replicated buffers once): a random sample of the training batches, which is what
+generation needs.
 
 Precision. Under FSDP2 mixed precision (GPU, ``amp_bf16``) the root module's floating-point inputs are cast
 to bf16, the collator's float32 ``counts`` included, so counts above 256 reach the VAE's NB likelihood rounded
