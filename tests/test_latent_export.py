@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from ddsc.cli import main as cli_main
 from ddsc.config import load_config, save_config
 from ddsc.data.binning_config import BinningConfig
 from ddsc.data.collator import CellCollator
@@ -143,6 +144,9 @@ def test_export_round_trip_gives_the_training_models_outputs(exported):
     assert np.abs(got["latents"]).max() > 0
     again = export_checkpoint(folder.parent / "latent-dit", folder)
     assert again.up_to_date
+    other = folder.parent / "hf_cli"
+    assert cli_main(["export", "--checkpoint", str(folder.parent / "latent-dit"), "--out", str(other)]) == 0
+    assert (other / "config.json").read_text() == (folder / "config.json").read_text()
 
 
 def test_export_of_a_vae_run_is_refused_with_the_way_out(exported, tmp_path):
