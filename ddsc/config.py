@@ -23,15 +23,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ddsc.errors import InputError
+from ddsc.errors import ConfigError, InputError
+
+__all__ = ["MISSING", "ConfigError", "InputError", "from_dict", "load_config", "save_config", "to_dict"]
 
 T = TypeVar("T")
 
 MISSING = dataclasses.MISSING
-
-
-class ConfigError(InputError, ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -21,6 +21,15 @@ class InputError(Exception):
     """A problem with what the user gave (config, file, dataset, checkpoint); the message names it."""
 
 
+class ConfigError(InputError, ValueError):
+    """A configuration problem; the message names the offending key.
+
+    Defined here rather than in ``ddsc.config`` (which re-exports it) because config classes that ship inside an
+    export folder (``ddsc.latent.config``) raise it, and this module needs nothing beyond the standard library,
+    while ``ddsc.config`` needs omegaconf.
+    """
+
+
 # Problems with the input: ours, and the builtin ones that readers raise for a missing / unreadable file
 # (OSError), a bad value (ValueError) or a missing name (KeyError).
 INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, OSError, ValueError, KeyError)

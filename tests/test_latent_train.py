@@ -149,7 +149,7 @@ def test_latent_dit_run_reads_the_vae_run_config_and_weights(tmp_path):
         resolve_latent_vae(
             run_config("latent_dit_demo_cpu.yaml", f"latent_dit.vae={folder}", "model.gene_vocab_size=9")
         )
-    with pytest.raises(ValueError, match="latent family is not done yet"):
+    with pytest.raises(ValueError, match="export the latent_dit run"):
         export_checkpoint(folder, tmp_path / "hf")
     with pytest.raises(ConfigError, match="not a latent_vae run"):
         save_config(run_config("demo_cpu.yaml"), folder / "config.yaml")

@@ -1,6 +1,7 @@
-"""Embed the cells of an .h5ad: obsm X_ddsc_labels (the model as a classifier over its training labels, the
-embedding to use), X_ddsc_cls and X_ddsc_mean (untrained final states, for comparison); ``Predictor.embed``
-defines each."""
+"""Embed the cells of an .h5ad. A masked-family model: obsm X_ddsc_labels (the model as a classifier over its
+training labels, the embedding to use), X_ddsc_cls and X_ddsc_mean (untrained final states, for comparison); a
+latent-family model: obsm X_ddsc_latent (the VAE posterior means). ``Predictor.embed`` / ``LatentPredictor.embed``
+define each."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Generate cells de novo for a gene panel and conditions (cell line, drug, dose), written as .h5ad bins."""
+"""Generate cells de novo for a gene panel and conditions (cell line, drug, dose), written as .h5ad.
+
+A masked-family model writes expression bins (its sampler: ``--method``, ``--temperature``, ``--gif``); a
+latent-family model writes counts drawn from its NB decoder (``ddsc.inference.latent``) and refuses those
+sampler options, which mean nothing for a rectified flow, rather than ignore them silently.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="e.g. --condition cell_line_id=CVCL_0023 --condition drug=DMSO_TF; for a molecule model "
         "--condition smiles='CC(=O)Oc1ccccc1C(=O)O' --condition dose=0.5 (any SMILES, any dose; repeatable)",
     )
-    parser.add_argument("--method", default="first_hitting", choices=METHODS)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--method", choices=METHODS, help="masked family only (default first_hitting)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: masked 32, latent its sampler_steps)")
+    parser.add_argument("--temperature", type=float, help="masked family only (default 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
-    parser.add_argument("--gif", help="save the denoising trajectory of the first batch as this animated GIF")
+    parser.add_argument("--gif", help="masked family only: save the first batch's denoising as this animated GIF")
 
 
 def parse_genes(spec: str) -> list[str]:
@@ -35,20 +40,31 @@ def parse_genes(spec: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args)
-    out = predictor.generate(
-        parse_genes(args.genes),
-        parse_conditions(args.condition),
-        n_cells=args.n_cells,
-        method=args.method,
-        steps=args.steps,
-        temperature=args.temperature,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        trajectory_gif=args.gif,
-    )
+    genes, conditions = parse_genes(args.genes), parse_conditions(args.condition)
+    common = {"n_cells": args.n_cells, "guidance_scale": args.guidance_scale, "seed": args.seed}
+    if predictor.family == "latent":
+        masked_only = [("--method", args.method), ("--temperature", args.temperature), ("--gif", args.gif)]
+        given = [flag for flag, value in masked_only if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: masked-family sampler options, but {args.model} is a latent-family model "
+                "(rectified flow: use --steps and --guidance-scale)"
+            )
+        out = predictor.generate(genes, conditions, steps=args.steps, **common)
+    else:
+        out = predictor.generate(
+            genes,
+            conditions,
+            method=args.method or "first_hitting",
+            steps=args.steps or 32,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            trajectory_gif=args.gif,
+            **common,
+        )
     write_output(out, args.output)
+    what = "counts" if predictor.family == "latent" else "bins"
     print(
-        f"generated {out.n_obs:,} cells x {out.n_vars:,} genes ({out.uns['ddsc_generate']['nfe']} forward passes) "
-        f"-> {args.output}" + (f", trajectory -> {args.gif}" if args.gif else "")
+        f"generated {out.n_obs:,} cells x {out.n_vars:,} genes of {what} ({out.uns['ddsc_generate']['nfe']} forward "
+        f"passes) -> {args.output}" + (f", trajectory -> {args.gif}" if args.gif else "")
     )
     return 0

@@ -69,6 +69,8 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 class LoadedModel:
     """A model plus everything needed to feed it user data (vocab, labels, binning, diffusion)."""
 
+    family = "masked"  # the model family (``ddsc.inference.latent`` is the other)
+
     def __init__(
         self,
         model: DDSCModel,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ddsc.config import ConfigError
+from ddsc.errors import ConfigError
 
 
 def _check_positive(section: object, *names: str) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -52,35 +54,48 @@ TRAIN_CONFIG_FILE = "train_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, LABELS_FILE)
 
-_DDSC_IMPORT = re.compile(r"^(\s*)from\s+ddsc(?:\.\w+)*\.(\w+)\s+import\b", re.MULTILINE)
+_DDSC_IMPORT = re.compile(r"^(\s*)from\s+(ddsc(?:\.\w+)*\.(\w+))\s+import\b", re.MULTILINE)
 _ANY_DDSC_IMPORT = re.compile(r"^\s*(?:from|import)\s+ddsc\b.*$", re.MULTILINE)
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
 
 
-def relative_imports(source: str) -> str:
-    """``from ddsc.a.b import X`` -> ``from .b import X``; any other import of ``ddsc`` is an error."""
-    rewritten = _DDSC_IMPORT.sub(r"\1from .\2 import", source)
+def relative_imports(source: str, names: Mapping[str, str] | None = None) -> str:
+    """``from ddsc.a.b import X`` -> ``from .b import X``; any other import of ``ddsc`` is an error.
+
+    ``names`` maps a module's dotted name to its file stem in the export where that is not its last component:
+    two families' modules may share a name (``ddsc.model.config`` and ``ddsc.latent.config``), and one folder
+    can hold only one ``config.py``.
+    """
+    names = names or {}
+
+    def rewrite(match: re.Match) -> str:
+        return f"{match.group(1)}from .{names.get(match.group(2), match.group(3))} import"
+
+    rewritten = _DDSC_IMPORT.sub(rewrite, source)
     leftover = _ANY_DDSC_IMPORT.search(rewritten)
     if leftover:
         raise ValueError(f"cannot ship as remote code: {leftover.group(0).strip()!r} (use 'from ddsc.x.y import')")
     return rewritten
 
 
-def remote_code_sources() -> dict[str, str]:
-    """``{file name: rewritten source}`` for the export.
+def remote_code_sources(
+    modules: Mapping[str, ModuleType] = REMOTE_CODE_MODULES, entry: str = "hf.py"
+) -> dict[str, str]:
+    """``{file name: rewritten source}`` for the export of ``modules`` (``{file name: module}``).
 
-    Checks that the files import only each other, and that the entry module (hf.py) imports every other one
-    directly: loading from a local folder, transformers copies only the entry module's own relative imports.
+    Checks that the files import only each other, and that the entry module imports every other one directly:
+    loading from a local folder, transformers copies only the entry module's own relative imports.
     """
-    sources = {name: relative_imports(Path(m.__file__).read_text()) for name, m in REMOTE_CODE_MODULES.items()}
+    names = {module.__name__: Path(name).stem for name, module in modules.items()}
+    sources = {name: relative_imports(Path(m.__file__).read_text(), names) for name, m in modules.items()}
     imports = {name: set(_RELATIVE_IMPORT.findall(source)) for name, source in sources.items()}
     for name, imported in imports.items():
         unknown = sorted(f"{i}.py" for i in imported if f"{i}.py" not in sources)
         if unknown:
             raise ValueError(f"remote code {name} imports {unknown}, which are not shipped")
-    not_direct = sorted(set(sources) - {"hf.py"} - {f"{i}.py" for i in imports["hf.py"]})
+    not_direct = sorted(set(sources) - {entry} - {f"{i}.py" for i in imports[entry]})
     if not_direct:
-        raise ValueError(f"remote code hf.py must import {not_direct} directly (transformers copies only those)")
+        raise ValueError(f"remote code {entry} must import {not_direct} directly (transformers copies only those)")
     return sources
 
 
@@ -90,8 +105,14 @@ def write_hf_folder(
     vocab: GeneVocab,
     labels: LabelVocab | None = None,
     train_config: Any = None,
+    remote_code: Mapping[str, ModuleType] = REMOTE_CODE_MODULES,
+    auto_map: Mapping[str, str] = AUTO_MAP,
 ) -> Path:
-    """Write the export folder (see the module docstring); ``train_config`` is a RunConfig or a plain dict."""
+    """Write the export folder (see the module docstring); ``train_config`` is a RunConfig or a plain dict.
+
+    Another family (``ddsc.latent.export``) passes its own ``remote_code`` modules and ``auto_map``: any
+    ``PreTrainedModel`` whose config has ``gene_vocab_size`` and ``conditions`` (dicts) gets the same layout.
+    """
     out = Path(out)
     if len(vocab) > model.config.gene_vocab_size:
         raise ValueError(
@@ -101,13 +122,13 @@ def write_hf_folder(
     check_labels(model.config, labels)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.config.auto_map = dict(AUTO_MAP)
+    model.config.auto_map = dict(auto_map)
     model.save_pretrained(partial, safe_serialization=True)
     vocab.to_json(partial / VOCAB_FILE)
     (labels or LabelVocab({})).to_json(partial / LABELS_FILE)
     if train_config is not None:
         (partial / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(train_config), sort_keys=False))
-    for name, source in remote_code_sources().items():
+    for name, source in remote_code_sources(remote_code).items():
         (partial / name).write_text(source)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

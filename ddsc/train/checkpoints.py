@@ -147,3 +147,17 @@ def find_run_config(path: str | Path) -> Path | None:
             if (folder / name).is_file():
                 return folder / name
     return None
+
+
+def load_exactly(module: torch.nn.Module, state: dict[str, Tensor], context: str) -> None:
+    """``module.load_state_dict(state)``, with one message listing the missing, unexpected and resized keys."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or resized:
+        problems = {"missing": missing, "unexpected": unexpected, "with another shape": resized}
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}" for what, keys in problems.items() if keys
+        )
+        raise ValueError(f"{context} ({detail})")
+    module.load_state_dict(state)

@@ -2,7 +2,7 @@
 
 The checkpoint's run is resolved as training resolved it (``ddsc.train.run``: labels, condition sizes, remote
 vocabularies), its weights read without a process group (``ddsc.train.checkpoints``) and written by
-``ddsc.model.export.write_hf_folder``.
+``ddsc.model.export.write_hf_folder``. A latent-family run goes to ``ddsc.train.latent_export``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddsc.config import load_config
+from ddsc.data.labels import LabelVocab
 from ddsc.data.schema import LABELS_FILE, VOCAB_FILE
 from ddsc.data.vocab import GeneVocab
 from ddsc.done import StepInputs
@@ -21,6 +22,7 @@ from ddsc.train.assets import fetch_assets, local_path
 from ddsc.train.checkpoints import (
     checkpoint_kind,
     find_run_config,
+    load_exactly,
     read_model_state,
     resolve_checkpoint,
     verify_checkpoint,
@@ -67,8 +69,41 @@ def export_checkpoint(
     if config_path is None:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml in the save folder; pass the run config (--config)")
     run = load_config(RunConfig, config_path)
-    if run.family != "masked":
-        raise ValueError(f"{checkpoint}: a {run.family} run; Hugging Face export of the latent family is not done yet")
+    if run.family == "latent_vae":
+        raise ValueError(
+            f"{checkpoint}: a latent_vae run; export the latent_dit run trained on it (its checkpoints hold the VAE)"
+        )
+    run, vocab, labels, inputs = resolve_export(run, checkpoint, config_path, vocab_path, labels_path)
+    if inputs.done_in(out):
+        return ExportSummary(Path(out), kind, 0, vocab.num_genes, {}, up_to_date=True)
+    if run.family == "latent_dit":
+        from ddsc.train.latent_export import export_latent
+
+        num_params = export_latent(checkpoint, out, run, vocab, labels, config_path)
+    else:
+        num_params = export_masked(checkpoint, out, run, vocab, labels, config_path)
+    inputs.mark_done(out)
+    return ExportSummary(Path(out), kind, num_params, vocab.num_genes, condition_summary(run))
+
+
+def export_masked(checkpoint, out, run: RunConfig, vocab: GeneVocab, labels: LabelVocab | None, config_path) -> int:
+    """Write the masked DiT of ``checkpoint`` as an HF folder; its parameter count."""
+    state = read_model_state(checkpoint, verify=False)
+    model = DDSCModel(hf_config_from_run(run))
+    load_exactly(model.dit, state, f"{checkpoint}: weights do not match the run config {config_path}")
+    write_hf_folder(model, out, vocab, labels, run)
+    return model.dit.num_params()
+
+
+def condition_summary(run: RunConfig) -> dict[str, str]:
+    return {c.name: f"{c.num_labels} labels" if c.kind == "label" else c.kind for c in run.model.conditions}
+
+
+def resolve_export(
+    run: RunConfig, checkpoint, config_path, vocab_path, labels_path
+) -> tuple[RunConfig, GeneVocab, LabelVocab | None, StepInputs]:
+    """The run as training resolved it (labels, condition sizes, remote vocabularies), its gene vocabulary and
+    labels, and the export's inputs (``ddsc.done``: a folder exported from the same files is up to date)."""
     data = dataclasses.replace(
         run.data,
         labels=str(labels_path) if labels_path else run.data.labels,
@@ -84,27 +119,4 @@ def export_checkpoint(
     vocab = GeneVocab.from_json(vocab_path)
     labels_file = local_path(run, LABELS_FILE) if run.model.conditions else None
     inputs = StepInputs.of([resolve_checkpoint(checkpoint), config_path, vocab_path, labels_file], {})
-    if inputs.done_in(out):
-        return ExportSummary(Path(out), kind, 0, vocab.num_genes, {}, up_to_date=True)
-
-    state = read_model_state(checkpoint, verify=False)
-    model = DDSCModel(hf_config_from_run(run))
-    expected = {k: v.shape for k, v in model.dit.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    resized = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or resized:
-        problems = {"missing": missing, "unexpected": unexpected, "with another shape": resized}
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}" for what, keys in problems.items() if keys
-        )
-        raise ValueError(f"{checkpoint}: weights do not match the run config {config_path} ({detail})")
-    model.dit.load_state_dict(state)
-    write_hf_folder(model, out, vocab, labels, run)
-    inputs.mark_done(out)
-    return ExportSummary(
-        out=Path(out),
-        checkpoint_kind=kind,
-        num_params=model.dit.num_params(),
-        genes=vocab.num_genes,
-        conditions={c.name: f"{c.num_labels} labels" if c.kind == "label" else c.kind for c in run.model.conditions},
-    )
+    return run, vocab, labels, inputs

@@ -16,6 +16,15 @@ its weights ride along in the DiT's checkpoints, so a checkpoint is self-contain
 (``latent_std``) is a buffer, saved too: fixed by ``latent_dit.latent_std`` or estimated once, on the first
 batch (averaged over ranks), and kept for the rest of the run and across resumes.
 
+Library sizes. The VAE decodes rates that are shares of the library it was given, the sum of the counts the
+collator kept (at most ``max_length`` genes of a cell), so generating counts needs libraries of that kind. The
+DiT wrapper keeps a histogram of the log libraries of its training batches (``library_counts``, a buffer in
+the checkpoint; bins of ``LOG_LIBRARY_RANGE``), which the HF export ships (``ddsc.latent.hf``): the training
+distribution as the model saw it, with no pass over the data at export time. With several ranks each rank
+counts its own batches and the checkpoint keeps rank 0's histogram (DDP broadcasts rank 0's buffers; monolithic
+and sharded checkpoints store replicated buffers once): a random sample of the training batches, which is what
+generation needs.
+
 Precision. Under FSDP2 mixed precision (GPU, ``amp_bf16``) the root module's floating-point inputs are cast
 to bf16, the collator's float32 ``counts`` included, so counts above 256 reach the VAE's NB likelihood rounded
 to bf16's 3 significant digits (a count of 1001 becomes 1000). Rare in UMI data and small in log-likelihood,
@@ -38,13 +47,16 @@ from ddsc.config import ConfigError, from_dict
 from ddsc.latent.config import LatentDiTConfig, LatentVAEConfig
 from ddsc.latent.flow import FlowOutput, RectifiedFlow
 from ddsc.latent.latent_dit import LatentDiT
-from ddsc.latent.vae import LatentVAE, VAEOutput
+from ddsc.latent.vae import LatentVAE, VAEOutput, log_library
 from ddsc.model.config import ConditionConfig
 from ddsc.precision import autocast
 from ddsc.train.checkpoints import find_run_config, read_model_state
 from ddsc.train.composer_model import SeededEvalModel
 from ddsc.train.config import RunConfig
 from ddsc.train.metrics import _RatioMetric
+
+LOG_LIBRARY_RANGE = (0.0, 16.0)  # log counts: 1 to 8.9 million
+LOG_LIBRARY_BINS = 320  # 0.05 wide: 5% steps of the library
 
 
 class NBNLLPerGene(_RatioMetric):
@@ -96,6 +108,7 @@ class LatentDiTComposerModel(SeededEvalModel):
         self.vae = vae.requires_grad_(False).eval()
         self.flow = RectifiedFlow(cfg)
         self.register_buffer("latent_std", torch.tensor(cfg.latent_std or 0.0))  # 0: not estimated yet
+        self.register_buffer("library_counts", torch.zeros(LOG_LIBRARY_BINS, dtype=torch.float64))
 
     def train(self, mode: bool = True) -> LatentDiTComposerModel:
         super().train(mode)
@@ -111,7 +124,17 @@ class LatentDiTComposerModel(SeededEvalModel):
             self.latent_std.fill_(estimate_std(z))
         return z.float() / self.latent_std
 
+    @torch.no_grad()
+    def count_libraries(self, batch: dict) -> None:
+        """Add the batch's log library sizes (as the VAE decodes with them) to ``library_counts``."""
+        low, high = LOG_LIBRARY_RANGE
+        log_lib = log_library(batch["counts"], batch["real"]).double().clamp(low, high - 1e-9)
+        index = ((log_lib - low) / (high - low) * LOG_LIBRARY_BINS).long()
+        self.library_counts.index_add_(0, index, torch.ones_like(log_lib))
+
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> FlowOutput:
+        if self.training:
+            self.count_libraries(batch)
         with autocast(batch["gene_ids"].device.type, self.autocast_dtype):
             x0 = self.latents(batch, generator)
             return self.flow.loss(self.model, x0, batch["cond"], generator=generator)
