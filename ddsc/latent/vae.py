@@ -1,7 +1,9 @@
 """A cell VAE: a set of (gene, count) pairs -> ``m`` latent tokens -> negative-binomial counts of any genes.
 
 Encoder (a Perceiver-style set encoder). Each position is its gene-id embedding plus a small MLP of
-``log1p(count)``; ``m`` learned queries cross-attend over the positions of the cell (``attention_mask``: the
+``log1p(count)``; ``m`` learned queries, each plus the cell's expression-weighted sum of gene vectors
+(``sum_g log1p(x_g) e_g``, layer-normed: scVI's first layer, for any gene panel), cross-attend over the
+positions of the cell (``attention_mask``: the
 real genes and ``<cls>``, which carries count 0 and is a constant key, so that a cell without genes still has
 something to attend to), then ``encoder_layers`` self-attention blocks (the DiT's own ``DiTBlock`` with a zero
 conditioning vector) mix the latents, and a linear map gives the posterior mean and log-variance
@@ -102,6 +104,8 @@ class LatentVAE(nn.Module):
         self.gene_embedding = nn.Embedding(gene_vocab_size, d)
         self.count_mlp = scalar_mlp(d)
         self.queries = nn.Parameter(torch.zeros(cfg.n_latents, d))
+        self.bag_embedding = nn.Embedding(gene_vocab_size, d)
+        self.bag_norm = nn.LayerNorm(d, eps=1e-6)
         self.cross = CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d, eps=1e-6)
@@ -141,7 +145,11 @@ class LatentVAE(nn.Module):
         gene_ids, counts, keys = batch["gene_ids"], batch["counts"], batch["attention_mask"]
         features = torch.log1p(torch.where(keys, counts.float(), 0.0))[..., None]
         tokens = self.gene_embedding(gene_ids).float() + self.count_mlp(in_dtype_of(features, self.count_mlp[0]))
-        x = self.queries.float()[None].expand(gene_ids.shape[0], -1, -1)
+        # The queries start from the cell's expression-weighted sum of gene vectors (scVI's first layer, over any
+        # panel): softmax attention over a thousand genes alone averages cells into one another.
+        weight = features[..., 0]  # log1p counts; 0 at <cls> and padding
+        bag = self.bag_norm((self.bag_embedding(gene_ids).float() * weight[..., None]).sum(dim=1))
+        x = self.queries.float()[None] + bag[:, None, :]
         x = self.cross(x, tokens, keys)
         x = self_attention(self.blocks, x, x.new_zeros(x.shape[0], self.cfg.d_model))
         mean, logvar = self.posterior(self.encoder_norm(x)).chunk(2, dim=-1)
