@@ -20,17 +20,8 @@ from ddsc.trajectory import save_trajectory_gif
 
 
 def panel_tokens(loaded: LoadedModel, gene_panel: Sequence[str]) -> np.ndarray:
-    """Token ids of a gene panel given by Ensembl ids and/or symbols; an error for unknown or repeated genes."""
-    names = [str(g) for g in gene_panel]
-    tokens = loaded.vocab.ids_for(names, names)
-    unknown = [g for g, t in zip(names, tokens, strict=True) if t < 0]
-    if unknown:
-        raise ValueError(
-            f"gene panel: {len(unknown)} of {len(names)} genes are not in the model's vocabulary "
-            f"(matched {len(names) - len(unknown)}), e.g. {', '.join(unknown[:5])}"
-        )
-    if len(set(tokens.tolist())) != len(tokens):
-        raise ValueError("gene panel: a gene is listed twice")
+    """``LoadedModel.panel``, at most ``max_genes`` long (the model's training length)."""
+    tokens = loaded.panel(gene_panel)
     if not 0 < len(tokens) <= loaded.max_length:
         raise ValueError(f"gene panel: {len(tokens)} genes; the model takes 1 to {loaded.max_length} per cell")
     return tokens

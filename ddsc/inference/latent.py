@@ -19,7 +19,6 @@ set and the seed, not of AnnData's var order or of a random subset.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import anndata
 import numpy as np
@@ -30,11 +29,11 @@ import torch
 from ddsc.data.labels import LabelVocab
 from ddsc.data.tokens import GENE_CLS
 from ddsc.data.vocab import GeneVocab
-from ddsc.inference.loaded import Conditions, LoadedModel, Precision, autocast_dtype, check_model_folder
+from ddsc.inference.loaded import Conditions, LoadedModel, Precision, autocast_dtype
 from ddsc.inference.rows import gene_chunks
 from ddsc.latent.flow import initial_noise
 from ddsc.latent.hf import DDSCLatentModel
-from ddsc.model.export import LABELS_FILE, VOCAB_FILE, check_labels
+from ddsc.model.export import check_labels
 
 EMBEDDING_KEY = "X_ddsc_latent"
 MEAN_LAYER = "ddsc_mean"
@@ -44,6 +43,7 @@ class LatentLoadedModel(LoadedModel):
     """A loaded latent export folder plus its vocabulary and labels (see the module docstring)."""
 
     family = "latent"
+    model_class = DDSCLatentModel
 
     def __init__(
         self,
@@ -68,31 +68,12 @@ class LatentLoadedModel(LoadedModel):
         self.batch_size = batch_size
         self.progress = progress
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", precision: Precision = "auto", **kwargs):
-        folder = check_model_folder(model_dir)
-        return cls(
-            DDSCLatentModel.from_pretrained(folder),
-            GeneVocab.from_json(folder / VOCAB_FILE),
-            LabelVocab.from_json(folder / LABELS_FILE),
-            device=device,
-            precision=precision,
-            **kwargs,
-        )
-
 
 def latent_panel(loaded: LatentLoadedModel, gene_panel: Sequence[str]) -> np.ndarray:
-    """Token ids of a panel of any size (the decoder answers each gene alone); unknown / repeated genes refused."""
-    names = [str(g) for g in gene_panel]
-    tokens = loaded.vocab.ids_for(names, names)
-    unknown = [g for g, t in zip(names, tokens, strict=True) if t < 0]
-    if unknown:
-        raise ValueError(
-            f"gene panel: {len(unknown)} of {len(names)} genes are not in the model's vocabulary "
-            f"(matched {len(names) - len(unknown)}), e.g. {', '.join(unknown[:5])}"
-        )
-    if not names or len(set(tokens.tolist())) != len(tokens):
-        raise ValueError("gene panel: empty, or a gene is listed twice")
+    """``LoadedModel.panel`` of any size (the decoder answers each gene alone), not empty."""
+    if not gene_panel:
+        raise ValueError("gene panel: empty")
+    tokens = loaded.panel(gene_panel)
     return tokens
 
 

@@ -69,6 +69,8 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 class LoadedModel:
     """A model plus everything needed to feed it user data (vocab, labels, binning, diffusion)."""
 
+    model_class = DDSCModel  # what ``from_pretrained`` loads (another family's subclass names its own)
+
     family = "masked"  # the model family (``ddsc.inference.latent`` is the other)
 
     def __init__(
@@ -105,7 +107,7 @@ class LoadedModel:
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", precision: Precision = "auto", **kwargs):
         folder = check_model_folder(model_dir)
         return cls(
-            DDSCModel.from_pretrained(folder),
+            cls.model_class.from_pretrained(folder),
             GeneVocab.from_json(folder / VOCAB_FILE),
             LabelVocab.from_json(folder / LABELS_FILE),
             device=device,
@@ -120,6 +122,20 @@ class LoadedModel:
         cells = cell_entries(map_genes(self.vocab, adata), x, None if hide is None else hide(x))
         cells.counts[cells.hidden] = 0.0
         return cells
+
+    def panel(self, gene_panel: Sequence[str]) -> np.ndarray:
+        """Token ids of a gene panel given by Ensembl ids and/or symbols; an error for unknown or repeated genes."""
+        names = [str(g) for g in gene_panel]
+        tokens = self.vocab.ids_for(names, names)
+        unknown = [g for g, t in zip(names, tokens, strict=True) if t < 0]
+        if unknown:
+            raise ValueError(
+                f"gene panel: {len(unknown)} of {len(names)} genes are not in the model's vocabulary "
+                f"(matched {len(names) - len(unknown)}), e.g. {', '.join(unknown[:5])}"
+            )
+        if len(set(tokens.tolist())) != len(tokens):
+            raise ValueError("gene panel: a gene is listed twice")
+        return tokens
 
     def gene_report(self, adata) -> dict[str, int]:
         return gene_report(map_genes(self.vocab, adata))
