@@ -79,30 +79,26 @@ def test_dit_composer_model_encodes_with_a_frozen_vae_and_keeps_its_latent_scale
     model = LatentDiTComposerModel(DIT_CFG, vae, CONDITIONS).train()
     assert not model.vae.training and model.model.training
     batch = collator_batch()
-    assert not model.latent_scale.gt(0).any()  # not estimated yet
+    assert float(model.latent_std) == 0.0
     calls = []
     for child in (model.vae, model.model):
         child.register_forward_pre_hook(lambda module, args: calls.append(module))
     out = model(batch)
     assert calls == [model.vae, model.model]  # both through __call__ (FSDP2 units)
-    scale, shift = model.latent_scale.clone(), model.latent_shift.clone()
-    flow_space = model.latents(batch)  # per_slot: every latent value standardised over the first batch
-    assert scale.gt(0).all() and flow_space.mean(dim=0).abs().max() < 1e-4
-    torch.testing.assert_close(flow_space.std(dim=0, unbiased=False), torch.ones_like(scale), atol=1e-4, rtol=0)
-    z = model.vae.encode(batch).mean
-    torch.testing.assert_close(model.to_vae_space(flow_space), z, atol=1e-5, rtol=1e-5)
+    std = float(model.latent_std)
+    assert std > 0 and float(model.latents(batch).std(unbiased=False)) == pytest.approx(1.0, abs=0.15)
     model.loss(out, batch).backward()
     assert all(p.grad is None for p in model.vae.parameters())
     assert model.model.head.weight.grad.abs().sum() > 0
     model(collator_batch(3))
-    assert torch.equal(model.latent_scale, scale) and torch.equal(model.latent_shift, shift)  # estimated once
-    assert {"latent_scale", "latent_shift"} <= set(model.state_dict())
+    assert float(model.latent_std) == std  # estimated once
+    assert "latent_std" in model.state_dict()
     assert all(torch.equal(before[k], v) for k, v in model.vae.state_dict().items())
     groups = parameter_groups(model, 0.1)
     assert sum(len(g["params"]) for g in groups) == len(list(model.model.parameters()))
     fixed = LatentDiTComposerModel(LatentDiTConfig(**{**DIT_CFG.__dict__, "latent_std": 2.5}), vae, CONDITIONS)
     fixed(batch)
-    assert (fixed.latent_scale == 2.5).all() and (fixed.latent_shift == 0).all()
+    assert float(fixed.latent_std) == 2.5
     model.eval()
     model.reset_eval_noise()
     first = model.eval_forward(batch)
@@ -213,4 +209,4 @@ def test_both_stages_train_with_the_composer_engine(tmp_path):
     resolved = load_config(RunConfig, tmp_path / "latent-dit-demo" / "config.yaml")
     assert resolved.latent_vae == saved.latent_vae and resolved.family == "latent_dit"
     state = torch.load(tmp_path / "latent-dit-demo" / "latest-rank0.pt", map_location="cpu", weights_only=False)
-    assert state["state"]["model"]["latent_scale"].gt(0).all()  # the latent scale is kept in the checkpoint
+    assert float(state["state"]["model"]["latent_std"]) > 0  # the latent scale is kept in the checkpoint

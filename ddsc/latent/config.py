@@ -69,11 +69,8 @@ class LatentDiTConfig:
 
     ``vae``: the VAE run to encode cells with, a Composer save folder (its newest checkpoint and the
     ``config.yaml`` beside it) or one checkpoint file in it; required for ``family: latent_dit``.
-    ``latent_norm``: how the latents are standardised for the flow, estimated on the first training batch
-    (averaged over ranks) and kept in the checkpoint: ``per_slot`` subtracts each latent value's mean and
-    divides by its standard deviation (the posterior means carry large per-slot offsets and a much smaller
-    spread between cells: one global scale leaves the flow modelling the offsets), ``global`` divides by one
-    standard deviation of every value. ``latent_std``: a fixed global scale instead (no shift). ``time_sampling``: ``uniform`` draws
+    ``latent_std``: the scale dividing the latents so that the flow sees unit variance; ``None`` estimates
+    it from the first training batch (and the checkpoint keeps it). ``time_sampling``: ``uniform`` draws
     stratified t (one stratum per cell, as the masked family's antithetic t), ``logit_normal`` draws
     ``sigmoid(N(mean, std))``, which puts more steps at mid-range t where the velocity is hardest (SD3).
     ``sampler_steps`` / ``guidance_scale`` are the defaults of the Euler sampler.
@@ -86,7 +83,6 @@ class LatentDiTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     latent_sample: bool = False  # encode to posterior samples instead of the posterior means
-    latent_norm: Literal["per_slot", "global"] = "per_slot"
     latent_std: float | None = None
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_mean: float = 0.0
@@ -100,8 +96,6 @@ class LatentDiTConfig:
             raise ConfigError(f"n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.latent_norm not in ("per_slot", "global"):
-            raise ConfigError(f"latent_norm: must be per_slot or global, got {self.latent_norm!r}")
         if self.latent_std is not None and self.latent_std <= 0:
             raise ConfigError(f"latent_std: must be positive (or null: estimate it), got {self.latent_std}")
         if self.time_sampling not in ("uniform", "logit_normal"):

@@ -2,8 +2,7 @@
 
 One ``PreTrainedModel`` holds all three things a latent model needs at use time: the cell VAE (encoder for
 embeddings, NB decoder for counts), the latent DiT (the velocity of the rectified flow) and the latent scale
-the DiT was trained on (buffers ``flow_shift`` / ``flow_scale``, not ``latent_*``: transformers would take the ``latent`` prefix for
-the base model's; the DiT sees ``(z - shift) / scale``). One folder, one ``from_pretrained``,
+the DiT was trained on (``latent_std``: the DiT sees ``z / latent_std``). One folder, one ``from_pretrained``,
 instead of two exports that could be paired wrongly.
 
 Like ``ddsc.model.hf`` this file ships verbatim in the export (``ddsc.latent.export``), its ``ddsc`` imports
@@ -44,7 +43,7 @@ from ddsc.model.dit import DiT  # noqa: F401 (shipped: the latent modules reuse 
 
 class DDSCLatentConfig(PretrainedConfig):
     """``vae`` / ``dit``: the ``LatentVAEConfig`` / ``LatentDiTConfig`` fields (the DiT's ``vae`` path emptied),
-    ``conditions``: the ``ConditionConfig`` dicts, plus the vocabulary size, ``max_genes``,
+    ``conditions``: the ``ConditionConfig`` dicts, plus the vocabulary size, ``max_genes``, ``latent_std``,
     ``library`` and the data's ``binning`` (a plain dict, for comparisons with the masked family)."""
 
     model_type = "ddsc_latent"
@@ -57,6 +56,7 @@ class DDSCLatentConfig(PretrainedConfig):
         conditions: Sequence[dict[str, Any]] = (),
         gene_vocab_size: int = 0,
         max_genes: int = 1024,
+        latent_std: float = 1.0,
         library: dict[str, Any] | None = None,
         binning: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -69,6 +69,7 @@ class DDSCLatentConfig(PretrainedConfig):
         ]
         self.gene_vocab_size = gene_vocab_size
         self.max_genes = max_genes
+        self.latent_std = float(latent_std)
         self.library = dict(library or {})
         self.binning = dict(binning or {})
 
@@ -90,7 +91,7 @@ class DDSCLatentModel(PreTrainedModel):
     """The VAE (``vae``) and the latent DiT (``dit``); ``forward`` is the DiT's velocity over scaled latents.
 
     ``encode`` / ``decode`` / ``sample_latents`` work in the VAE's own (unscaled) latent space, so a user never
-    handles the latent scaling; ``forward(x, t, cond)`` is the bare velocity model ``RectifiedFlow`` integrates.
+    handles ``latent_std``; ``forward(x, t, cond)`` is the bare velocity model ``RectifiedFlow`` integrates.
     """
 
     config_class = DDSCLatentConfig
@@ -104,9 +105,6 @@ class DDSCLatentModel(PreTrainedModel):
         self.vae = LatentVAE(vae_cfg, config.gene_vocab_size)
         self.dit = LatentDiT(config.dit_config(), vae_cfg.n_latents, vae_cfg.d_latent, config.condition_specs())
         self.flow = RectifiedFlow(config.dit_config())
-        # The flow's standardisation of the latents (saved with the weights): x_flow = (z - shift) / scale.
-        self.register_buffer("flow_shift", torch.zeros(vae_cfg.n_latents, vae_cfg.d_latent))
-        self.register_buffer("flow_scale", torch.ones(vae_cfg.n_latents, vae_cfg.d_latent))
         self.post_init()
 
     def _init_weights(self, module) -> None:
@@ -135,7 +133,7 @@ class DDSCLatentModel(PreTrainedModel):
         self, noise: Tensor, cond: Tensor | None = None, steps: int | None = None, guidance_scale: float | None = None
     ) -> Tensor:
         """Latents [B, m, d] in the VAE's space from ``noise`` [B, m, d] (Euler, classifier-free guidance)."""
-        return self.flow.sample(self, noise, cond, steps, guidance_scale) * self.flow_scale + self.flow_shift
+        return self.flow.sample(self, noise, cond, steps, guidance_scale) * self.config.latent_std
 
     def sample_log_library(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` log library sizes drawn from the training histogram (uniform within a bin), float32."""

@@ -1,9 +1,9 @@
 """``ddsc export`` of a ``latent_dit`` run: its checkpoint -> one ``DDSCLatentModel`` folder (``ddsc.latent.hf``).
 
 A latent DiT checkpoint is self-contained (``ddsc.train.latent_models``): the DiT (``model.*``), the frozen VAE
-it was trained on (``vae.*``), the latents' standardisation (``latent_shift`` / ``latent_scale``) and the
-histogram of training library sizes (``library_counts``). The weights and the standardisation go into the HF
-model's weights; the histogram, plain numbers a user may want to read, into ``config.json``. The run config is resolved by ``ddsc.train.export`` first
+it was trained on (``vae.*``), the latent scale (``latent_std``) and the histogram of training library sizes
+(``library_counts``). The weights go into the HF model's ``dit`` and ``vae``; the two buffers, plain numbers
+a user may want to read, into ``config.json``. The run config is resolved by ``ddsc.train.export`` first
 (labels, condition sizes, vocabulary); the config's ``latent_vae`` is already the VAE run's own.
 """
 
@@ -21,8 +21,10 @@ from ddsc.train.config import RunConfig
 from ddsc.train.latent_models import LOG_LIBRARY_RANGE
 
 
-def latent_hf_config(run: RunConfig, library_counts: torch.Tensor) -> DDSCLatentConfig:
-    """The HF config of a resolved ``latent_dit`` run and its training library histogram."""
+def latent_hf_config(run: RunConfig, latent_std: float, library_counts: torch.Tensor) -> DDSCLatentConfig:
+    """The HF config of a resolved ``latent_dit`` run, its latent scale and training library histogram."""
+    if latent_std <= 0:
+        raise ValueError("the checkpoint's latent_std is 0: the latent DiT never trained a batch")
     low, high = LOG_LIBRARY_RANGE
     counts = library_counts.double()
     return DDSCLatentConfig(
@@ -31,6 +33,7 @@ def latent_hf_config(run: RunConfig, library_counts: torch.Tensor) -> DDSCLatent
         conditions=[to_dict(c) for c in run.model.conditions],
         gene_vocab_size=run.model.gene_vocab_size,
         max_genes=run.data.max_length,
+        latent_std=latent_std,
         library={"low": low, "high": high, "counts": counts.tolist(), "cells": int(counts.sum())},
         binning=to_dict(run.data.binning),
     )
@@ -38,14 +41,10 @@ def latent_hf_config(run: RunConfig, library_counts: torch.Tensor) -> DDSCLatent
 
 def latent_model_from_state(run: RunConfig, state: dict[str, torch.Tensor], context: str) -> DDSCLatentModel:
     """The HF model of a ``LatentDiTComposerModel`` state dict (what a checkpoint or ``state_dict()`` holds)."""
-    for key in ("latent_shift", "latent_scale", "library_counts"):
+    for key in ("latent_std", "library_counts"):
         if key not in state:
             raise ValueError(f"{context}: no {key!r} in the checkpoint (not a latent_dit checkpoint of this version)")
-    if not bool(state["latent_scale"].gt(0).all()):
-        raise ValueError(f"{context}: the latent scale is 0: the latent DiT never trained a batch")
-    model = DDSCLatentModel(latent_hf_config(run, state["library_counts"]))
-    model.flow_shift.copy_(state["latent_shift"])
-    model.flow_scale.copy_(state["latent_scale"])
+    model = DDSCLatentModel(latent_hf_config(run, float(state["latent_std"]), state["library_counts"]))
     parts = {"dit": "model.", "vae": "vae."}
     for attribute, prefix in parts.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

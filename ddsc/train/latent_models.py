@@ -12,10 +12,9 @@ Metrics (exact ratios of float64 sums over the evaluation set and ranks):
 - ``flow_mse``: the latent DiT's squared velocity error per latent value (the flow-matching loss).
 
 The latent DiT's VAE is frozen: no gradients, eval mode whatever Composer asks (``train`` is overridden), and
-its weights ride along in the DiT's checkpoints, so a checkpoint is self-contained. The latents'
-standardisation (buffers ``latent_shift`` / ``latent_scale`` [m, d], ``latent_dit.latent_norm``) is saved too:
-fixed by ``latent_dit.latent_std`` or estimated once, on the first batch (averaged over ranks), and kept for
-the rest of the run and across resumes.
+its weights ride along in the DiT's checkpoints, so a checkpoint is self-contained. The latent scale
+(``latent_std``) is a buffer, saved too: fixed by ``latent_dit.latent_std`` or estimated once, on the first
+batch (averaged over ranks), and kept for the rest of the run and across resumes.
 
 Library sizes. The VAE decodes rates that are shares of the library it was given, the sum of the counts the
 collator kept (at most ``max_length`` genes of a cell), so generating counts needs libraries of that kind. The
@@ -108,9 +107,7 @@ class LatentDiTComposerModel(SeededEvalModel):
         self.model = LatentDiT(cfg, vae.cfg.n_latents, vae.cfg.d_latent, conditions)
         self.vae = vae.requires_grad_(False).eval()
         self.flow = RectifiedFlow(cfg)
-        shape = (vae.cfg.n_latents, vae.cfg.d_latent)
-        self.register_buffer("latent_shift", torch.zeros(shape))
-        self.register_buffer("latent_scale", torch.full(shape, cfg.latent_std or 0.0))  # 0: not estimated yet
+        self.register_buffer("latent_std", torch.tensor(cfg.latent_std or 0.0))  # 0: not estimated yet
         self.register_buffer("library_counts", torch.zeros(LOG_LIBRARY_BINS, dtype=torch.float64))
 
     def train(self, mode: bool = True) -> LatentDiTComposerModel:
@@ -123,15 +120,9 @@ class LatentDiTComposerModel(SeededEvalModel):
         """The batch's cells as scaled latents ``[B, m, d]`` float32 (posterior means, or samples)."""
         posterior = self.vae(batch, encode_only=True)  # through __call__, for FSDP (``LatentVAE.forward``)
         z = posterior.sample(generator) if self.cfg.latent_sample else posterior.mean
-        if not bool(self.latent_scale.gt(0).all()):
-            shift, scale = estimate_norm(z, self.cfg.latent_norm)
-            self.latent_shift.copy_(shift)
-            self.latent_scale.copy_(scale)
-        return (z.float() - self.latent_shift) / self.latent_scale
-
-    def to_vae_space(self, x: Tensor) -> Tensor:
-        """Flow-space latents ``[B, m, d]`` back to the VAE's space (the inverse of ``latents``' scaling)."""
-        return x * self.latent_scale + self.latent_shift
+        if float(self.latent_std) == 0.0:
+            self.latent_std.fill_(estimate_std(z))
+        return z.float() / self.latent_std
 
     @torch.no_grad()
     def count_libraries(self, batch: dict) -> None:
@@ -153,23 +144,16 @@ class LatentDiTComposerModel(SeededEvalModel):
         return float(self.model.flops_per_cell() * batch["gene_ids"].shape[0])
 
 
-def estimate_norm(z: Tensor, norm: str) -> tuple[Tensor, Tensor]:
-    """(shift, scale) ``[m, d]`` standardising a batch's latents ``z`` [B, m, d], moments averaged over ranks:
-    per latent value (``per_slot``; a scale at least 1% of the global one, so a value that never varies is
-    not blown up), or one global scale and no shift (``global``)."""
-    z = z.float()
-    moments = torch.stack([z.mean(dim=0), z.square().mean(dim=0)]).double()
+def estimate_std(z: Tensor) -> float:
+    """The standard deviation of every latent value of a batch, averaged over ranks (one scale for the run)."""
+    second = torch.stack([z.float().square().mean(), z.float().mean()]).double()
     if dist.get_world_size() > 1:
-        dist.all_reduce(moments)
-        moments /= dist.get_world_size()
-    mean, square = moments
-    overall = float(square.mean() - mean.mean() ** 2)
-    if not math.isfinite(overall) or overall <= 0:
-        raise ValueError(f"latent_dit.latent_norm: the first batch's latents have variance {overall}; set latent_std")
-    if norm == "global":
-        return torch.zeros_like(mean).float(), torch.full_like(mean, math.sqrt(overall)).float()
-    scale = (square - mean.square()).clamp(min=0).sqrt().clamp(min=0.01 * math.sqrt(overall))
-    return mean.float(), scale.float()
+        dist.all_reduce(second)
+        second /= dist.get_world_size()
+    variance = float(second[0] - second[1] ** 2)
+    if not math.isfinite(variance) or variance <= 0:
+        raise ValueError(f"latent_dit.latent_std: the first batch's latents have variance {variance}; set it")
+    return math.sqrt(variance)
 
 
 def read_vae_run(path: str) -> RunConfig:

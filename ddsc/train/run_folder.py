@@ -30,10 +30,7 @@ FROZEN_KEYS = (
     "data.max_length",
     "diffusion",
     "latent_vae",
-    *(
-        f"latent_dit.{k}"
-        for k in ("d_model", "n_layers", "n_heads", "mlp_ratio", "latent_sample", "latent_norm", "latent_std")
-    ),
+    *(f"latent_dit.{k}" for k in ("d_model", "n_layers", "n_heads", "mlp_ratio", "latent_sample", "latent_std")),
     "optimizer.name",
     "parallelism.engine",
 )
