@@ -26,14 +26,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ddsc.data.labels import LabelVocab
 from ddsc.data.tokens import GENE_CLS
-from ddsc.data.vocab import GeneVocab
-from ddsc.inference.loaded import Conditions, LoadedModel, Precision, autocast_dtype
+from ddsc.inference.loaded import Conditions, LoadedModel
 from ddsc.inference.rows import gene_chunks
 from ddsc.latent.flow import initial_noise
 from ddsc.latent.hf import DDSCLatentModel
-from ddsc.model.export import check_labels
 
 EMBEDDING_KEY = "X_ddsc_latent"
 MEAN_LAYER = "ddsc_mean"
@@ -45,28 +42,8 @@ class LatentLoadedModel(LoadedModel):
     family = "latent"
     model_class = DDSCLatentModel
 
-    def __init__(
-        self,
-        model: DDSCLatentModel,
-        vocab: GeneVocab,
-        labels: LabelVocab,
-        device: str | torch.device = "cpu",
-        precision: Precision = "auto",
-        batch_size: int = 64,
-        progress: bool = True,
-    ):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.config = model.config
-        self.vocab = vocab
-        self.labels = labels
-        check_labels(self.config, labels)
-        self.max_length = self.config.max_genes
+    def setup_family(self) -> None:
         self.specs = self.config.condition_specs()
-        self.conditions = self.config.condition_names
-        self.autocast_dtype = autocast_dtype(precision, self.device)
-        self.batch_size = batch_size
-        self.progress = progress
 
 
 def latent_panel(loaded: LatentLoadedModel, gene_panel: Sequence[str]) -> np.ndarray:

@@ -89,19 +89,24 @@ class LoadedModel:
         self.vocab = vocab
         self.labels = labels
         check_labels(self.config, labels)
-        self.binning = from_dict(BinningConfig, self.config.binning)
-        self.diffusion = from_dict(DiffusionConfig, self.config.diffusion)
-        self.tokens = self.config.tokens
         self.max_length = self.config.max_genes
-        self.specs = self.config.model_config().conditions
         self.conditions = self.config.condition_names
-        # Bins user counts exactly as in training (``bins_for``); conditions are encoded by ``encode``.
-        self.collator = CellCollator(
-            self.max_length, self.binning, labels, self.specs, gene_vocab_size=self.config.gene_vocab_size
-        )
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self.batch_size = batch_size
         self.progress = progress
+        self.setup_family()
+
+    def setup_family(self) -> None:
+        """What this family needs beyond the shared part: for the masked model its binning, diffusion and a
+        collator that bins user counts exactly as in training (``bins_for``); conditions are encoded by
+        ``encode``."""
+        self.specs = self.config.model_config().conditions
+        self.binning = from_dict(BinningConfig, self.config.binning)
+        self.diffusion = from_dict(DiffusionConfig, self.config.diffusion)
+        self.tokens = self.config.tokens
+        self.collator = CellCollator(
+            self.max_length, self.binning, self.labels, self.specs, gene_vocab_size=self.config.gene_vocab_size
+        )
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", precision: Precision = "auto", **kwargs):
