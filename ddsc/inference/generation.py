@@ -7,7 +7,6 @@ from pathlib import Path
 
 import anndata
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
@@ -72,20 +71,7 @@ def generate(
             bins.append(out.expr[:, 1:].cpu())
             nfe += out.nfe
             bar.update(count)
-    obs = pd.DataFrame(
-        {name: (vals * n_cells if len(vals) == 1 else vals) for name, vals in conditions.items()},
-        index=[f"generated_{i}" for i in range(n_cells)],
-    )
-    row_of = {t: i for i, t in enumerate(loaded.vocab.token_ids.tolist())}
-    where = [row_of[t] for t in tokens.tolist()]
-    var = pd.DataFrame(
-        {
-            "token_id": tokens.numpy(),
-            "ensembl_id": [loaded.vocab.ensembl_ids[i] for i in where],
-            "symbol": [loaded.vocab.symbols[i] for i in where],
-        },
-        index=[str(g) for g in gene_panel],
-    )
+    obs, var = loaded.generated_frames(conditions, n_cells, tokens.numpy(), gene_panel)
     adata = anndata.AnnData(X=torch.cat(bins).numpy().astype(np.float32), obs=obs, var=var)
     adata.uns["ddsc_generate"] = {
         "method": method,

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import anndata
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -50,8 +49,7 @@ def latent_panel(loaded: LatentLoadedModel, gene_panel: Sequence[str]) -> np.nda
     """``LoadedModel.panel`` of any size (the decoder answers each gene alone), not empty."""
     if not gene_panel:
         raise ValueError("gene panel: empty")
-    tokens = loaded.panel(gene_panel)
-    return tokens
+    return loaded.panel(gene_panel)
 
 
 def sample_nb(mu: np.ndarray, theta: np.ndarray, pi: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -99,12 +97,9 @@ def generate_counts(
             means.append((mu if pi is None else mu * (1 - pi)).astype(np.float32))
             libraries.append(log_library.double().exp().cpu().numpy())
             bar.update(count)
-    obs = pd.DataFrame(
-        {name: (vals * n_cells if len(vals) == 1 else vals) for name, vals in conditions.items()},
-        index=[f"generated_{i}" for i in range(n_cells)],
-    )
+    obs, var = loaded.generated_frames(conditions, n_cells, tokens.cpu().numpy(), gene_panel)
     obs["library_size"] = np.concatenate(libraries)
-    adata = anndata.AnnData(X=sp.csr_matrix(np.concatenate(counts)), obs=obs, var=panel_var(loaded, tokens, gene_panel))
+    adata = anndata.AnnData(X=sp.csr_matrix(np.concatenate(counts)), obs=obs, var=var)
     adata.layers[MEAN_LAYER] = np.concatenate(means)
     batches = -(-n_cells // loaded.batch_size)
     adata.uns["ddsc_generate"] = {
@@ -116,19 +111,6 @@ def generate_counts(
         "library": "training histogram of log library sizes (config.json library)",
     }
     return adata
-
-
-def panel_var(loaded: LoadedModel, tokens: torch.Tensor, gene_panel: Sequence[str]) -> pd.DataFrame:
-    row_of = {t: i for i, t in enumerate(loaded.vocab.token_ids.tolist())}
-    where = [row_of[t] for t in tokens.tolist()]
-    return pd.DataFrame(
-        {
-            "token_id": tokens.cpu().numpy(),
-            "ensembl_id": [loaded.vocab.ensembl_ids[i] for i in where],
-            "symbol": [loaded.vocab.symbols[i] for i in where],
-        },
-        index=[str(g) for g in gene_panel],
-    )
 
 
 def embed_latent(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
@@ -141,6 +142,27 @@ class LoadedModel:
         if len(set(tokens.tolist())) != len(tokens):
             raise ValueError("gene panel: a gene is listed twice")
         return tokens
+
+    def generated_frames(
+        self, conditions: dict[str, list[str]], n_cells: int, tokens: np.ndarray, gene_panel: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``obs`` (the conditions, one value or one per cell) and ``var`` (token id, Ensembl id, symbol of each
+        panel gene) of ``n_cells`` generated cells, for either family's ``generate``."""
+        obs = pd.DataFrame(
+            {name: (vals * n_cells if len(vals) == 1 else vals) for name, vals in conditions.items()},
+            index=[f"generated_{i}" for i in range(n_cells)],
+        )
+        row_of = {t: i for i, t in enumerate(self.vocab.token_ids.tolist())}
+        where = [row_of[t] for t in np.asarray(tokens).tolist()]
+        var = pd.DataFrame(
+            {
+                "token_id": np.asarray(tokens),
+                "ensembl_id": [self.vocab.ensembl_ids[i] for i in where],
+                "symbol": [self.vocab.symbols[i] for i in where],
+            },
+            index=[str(g) for g in gene_panel],
+        )
+        return obs, var
 
     def gene_report(self, adata) -> dict[str, int]:
         return gene_report(map_genes(self.vocab, adata))
