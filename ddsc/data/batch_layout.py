@@ -42,6 +42,26 @@ def pad_cells(genes: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tupl
     return torch.from_numpy(gene_ids), torch.from_numpy(values), torch.from_numpy(valid)
 
 
+def cell_layout(gene_ids: Tensor, real: Tensor, counts: Tensor | None = None) -> dict[str, Tensor]:
+    """``gene_ids``, ``real``, ``attention_mask`` (and ``counts``) of the layout from the gene positions alone
+    ([R, N], any values at padding): ``<cls>`` prepended, padding set to ``<pad>`` and count 0. The latent
+    family's encoder reads only these; ``model_batch`` adds the expression tokens and the conditions."""
+    rows = len(gene_ids)
+    first = torch.ones(rows, 1, dtype=torch.bool, device=real.device)
+    layout = {
+        "gene_ids": torch.cat(
+            [torch.full_like(first, GENE_CLS, dtype=torch.long), gene_ids.masked_fill(~real, GENE_PAD)], 1
+        ),
+        "real": torch.cat([~first, real], dim=1),
+        "attention_mask": torch.cat([first, real], dim=1),
+    }
+    if counts is not None:
+        layout["counts"] = torch.cat(
+            [torch.zeros(rows, 1, device=counts.device), counts.float().masked_fill(~real, 0)], 1
+        )
+    return layout
+
+
 def model_batch(
     gene_ids: Tensor,
     expr: Tensor,
@@ -50,23 +70,11 @@ def model_batch(
     cond: Tensor,
     counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The batch dict from the gene positions alone ([R, N], any values at padding): ``<cls>`` prepended,
-    padding set to the pad tokens (and count 0)."""
-    rows = len(gene_ids)
-    first = torch.ones(rows, 1, dtype=torch.bool, device=real.device)
-    batch = {
-        "gene_ids": torch.cat(
-            [torch.full_like(first, GENE_CLS, dtype=torch.long), gene_ids.masked_fill(~real, GENE_PAD)], 1
-        ),
-        "expr": torch.cat(
-            [torch.full_like(first, tokens.cls, dtype=torch.long), expr.masked_fill(~real, tokens.pad)], 1
-        ),
-        "real": torch.cat([~first, real], dim=1),
-        "attention_mask": torch.cat([first, real], dim=1),
+    """The batch dict from the gene positions alone ([R, N], any values at padding): ``cell_layout`` plus the
+    expression tokens (``tokens.cls`` at 0, ``tokens.pad`` at padding) and ``cond``."""
+    first = torch.full((len(expr), 1), tokens.cls, dtype=torch.long, device=expr.device)
+    return {
+        **cell_layout(gene_ids, real, counts),
+        "expr": torch.cat([first, expr.masked_fill(~real, tokens.pad)], 1),
         "cond": cond,
     }
-    if counts is not None:
-        batch["counts"] = torch.cat(
-            [torch.zeros(rows, 1, device=counts.device), counts.float().masked_fill(~real, 0)], 1
-        )
-    return batch

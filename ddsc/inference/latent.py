@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ddsc.data.tokens import GENE_CLS
+from ddsc.data.batch_layout import cell_layout, pad_cells
 from ddsc.inference.loaded import Conditions, LoadedModel
 from ddsc.inference.rows import gene_chunks
 from ddsc.latent.flow import initial_noise
@@ -136,15 +136,9 @@ def embed_latent(
     with loaded.bar(n, "embed") as bar, torch.no_grad(), loaded.autocast():
         for start in range(0, len(rows), loaded.batch_size):
             part = rows[start : start + loaded.batch_size]
-            width = 1 + max(len(t) for _, t, _ in part)
-            gene_ids = torch.zeros(len(part), width, dtype=torch.long)
-            counts = torch.zeros(len(part), width, dtype=torch.float32)
-            gene_ids[:, 0] = GENE_CLS
-            for r, (_, t, c) in enumerate(part):
-                gene_ids[r, 1 : 1 + len(t)] = torch.from_numpy(t.astype(np.int64))
-                counts[r, 1 : 1 + len(t)] = torch.from_numpy(c.astype(np.float32))
-            mask = gene_ids != 0
-            mean = loaded.model.encode(gene_ids.to(loaded.device), counts.to(loaded.device), mask.to(loaded.device))
+            genes, counts, valid = pad_cells([t for _, t, _ in part], [c for _, _, c in part])
+            cells_in = {k: v.to(loaded.device) for k, v in cell_layout(genes, valid, counts).items()}
+            mean = loaded.model.encode(cells_in["gene_ids"], cells_in["counts"], cells_in["attention_mask"])
             target = torch.tensor([i for i, _, _ in part])
             total.index_add_(0, target, mean.double().cpu().reshape(len(part), -1))
             chunks.index_add_(0, target, torch.ones(len(part), dtype=torch.float64))
