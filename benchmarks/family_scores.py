@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ddsc.data.batch_layout import pad_cells
+from ddsc.data.batch_layout import cell_layout, pad_cells
 from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches
 from ddsc.eval.metrics import PCA, generation_metrics, pearson
 from ddsc.eval.settings import SamplerSettings
@@ -95,17 +95,15 @@ def masked_ce(masked, cells, train, args) -> dict:
 @torch.no_grad()
 def nb_nll(latent, cells: EvalCells) -> dict:
     """NB NLL per gene of the eval cells' counts: decoding the posterior mean, and the prior mean z = 0."""
-    from ddsc.data.tokens import GENE_CLS
     from ddsc.latent.vae import log_library
 
     sums, n = {"posterior_mean": 0.0, "prior_mean": 0.0}, 0
     for start in range(0, len(cells), 64):
         rows = range(start, min(start + 64, len(cells)))
-        genes, counts, real = pad_cells([cells.genes[i] for i in rows], [cells.counts[i] for i in rows])
-        gene_ids = torch.cat([torch.full((len(rows), 1), GENE_CLS), genes], dim=1)
-        counts = torch.cat([torch.zeros(len(rows), 1), counts.float()], dim=1)
-        real = torch.cat([torch.zeros(len(rows), 1, dtype=torch.bool), real], dim=1)
-        mean = latent.model.encode(gene_ids, counts, real | (gene_ids == GENE_CLS))
+        genes, counts, valid = pad_cells([cells.genes[i] for i in rows], [cells.counts[i] for i in rows])
+        layout = cell_layout(genes, valid, counts)
+        gene_ids, counts, real = layout["gene_ids"], layout["counts"], layout["real"]
+        mean = latent.model.encode(gene_ids, counts, layout["attention_mask"])
         for name, z in (("posterior_mean", mean), ("prior_mean", torch.zeros_like(mean))):
             params = latent.model.decode(z, gene_ids, log_library(counts, real))
             sums[name] -= float(torch.where(real, params.log_prob(counts), 0.0).sum())
@@ -113,32 +111,15 @@ def nb_nll(latent, cells: EvalCells) -> dict:
     return {name: s / n for name, s in sums.items()}
 
 
-def samples_adata(vocab, samples):
-    """Evaluation samples as an AnnData over the model's genes (as ``ddsc.eval.evaluate.embed_samples``)."""
-    import anndata
-    import pandas as pd
-    import scipy.sparse as sp
-
-    column = np.full(int(vocab.token_ids.max()) + 1, -1, dtype=np.int64)
-    column[vocab.token_ids] = np.arange(vocab.num_genes)
-    rows = np.repeat(np.arange(len(samples)), [len(s["genes"]) for s in samples])
-    cols = column[np.concatenate([np.asarray(s["genes"], np.int64) for s in samples])]
-    counts = np.concatenate([np.asarray(s["counts"], np.float32) for s in samples])
-    x = sp.csr_matrix((counts, (rows, cols)), shape=(len(samples), vocab.num_genes))
-    var = pd.DataFrame({"gene_ids": vocab.ensembl_ids, "gene_symbols": vocab.symbols})
-    var.index = [f"token{t}" for t in vocab.token_ids]
-    return anndata.AnnData(x, var=var)
-
-
 def embedding_scores(masked, latent, samples, args) -> dict:
     from ddsc.eval.embedding import embedding_eval, pca_baseline
-    from ddsc.eval.evaluate import embedding_labels
+    from ddsc.eval.evaluate import embedding_labels, samples_anndata
 
     samples = samples[: args.embed_cells]
     labels = embedding_labels(samples, ())
     if not labels:
         return {"skipped": "no label column (cell line, drug, dose) with two or more values"}
-    adata = samples_adata(masked.vocab, samples)
+    adata = samples_anndata(masked.vocab, samples)
     start = time.perf_counter()
     masked_x = masked.embed(adata, seed=args.seed, conditions={}).obsm["X_ddsc_labels"]
     masked_s = time.perf_counter() - start

@@ -202,16 +202,13 @@ def read_mds(split_dir: Path, max_cells: int, seed: int) -> list[dict]:
     return [dataset[int(i)] for i in idx]
 
 
-def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) -> dict[str, np.ndarray]:
-    """``ddsc embed`` of evaluation samples: they become an AnnData over the model's genes (Ensembl ids and
-    symbols in ``var``, as a user's file would have them) and go through ``Predictor.embed`` unchanged, with null
-    conditions (``ddsc embed --null-conditions``): a state computed from a cell's label would encode the label it is
-    scored against."""
+def samples_anndata(vocab, samples: Sequence[dict]):
+    """Evaluation samples as an AnnData over the model's genes, with Ensembl ids and symbols in ``var``, as a
+    user's file would have them."""
     import anndata
     import pandas as pd
     import scipy.sparse as sp
 
-    vocab = predictor.vocab
     column = np.full(len(vocab), -1, dtype=np.int64)
     column[vocab.token_ids] = np.arange(vocab.num_genes)
     rows = np.repeat(np.arange(len(samples)), [len(s["genes"]) for s in samples])
@@ -222,7 +219,14 @@ def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) 
         {"gene_ids": vocab.ensembl_ids, "gene_symbols": vocab.symbols},
         index=[f"token{t}" for t in vocab.token_ids],
     )
-    out = predictor.embed(anndata.AnnData(x, var=var), seed=seed, conditions={})
+    return anndata.AnnData(x, var=var)
+
+
+def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """``ddsc embed`` of evaluation samples: they become an AnnData (``samples_anndata``) and go through
+    ``Predictor.embed`` unchanged, with null conditions (``ddsc embed --null-conditions``): a state computed
+    from a cell's label would encode the label it is scored against."""
+    out = predictor.embed(samples_anndata(predictor.vocab, samples), seed=seed, conditions={})
     return {name: out.obsm[f"X_{name}"] for name in ("ddsc_labels", "ddsc_cls", "ddsc_mean")}
 
 
