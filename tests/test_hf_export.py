@@ -176,6 +176,26 @@ def test_composer_checkpoint_export_matches_training_model(composer_run, data, t
     )
 
 
+def test_export_with_a_yaml_that_leaves_sizes_to_the_data(composer_run, data, tmp_path):
+    """``--config`` may name a yaml whose ``model.gene_vocab_size`` is 0 (from vocab.json) and whose label counts
+    are unset: export resolves both from the data files, as training does, and gets the trained weights."""
+    import yaml
+
+    save, trained, _ = composer_run
+    raw = yaml.safe_load((save / "config.yaml").read_text())
+    resolved = raw["model"]["gene_vocab_size"], [c["num_labels"] for c in raw["model"]["conditions"]]
+    assert resolved[0] > 0 and all(n > 0 for n in resolved[1])
+    raw["model"]["gene_vocab_size"] = 0
+    for condition in raw["model"]["conditions"]:
+        condition["num_labels"] = 0
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    export_checkpoint(save / "latest-rank0.pt", tmp_path / "hf", config_path=tmp_path / "run.yaml")
+    exported = DDSCModel.from_pretrained(tmp_path / "hf")
+    assert (exported.config.gene_vocab_size, [c["num_labels"] for c in exported.config.conditions]) == resolved
+    batch = a_batch(data)
+    torch.testing.assert_close(logits(exported, batch), logits(trained, batch), rtol=0, atol=0)
+
+
 def test_callback_exports_match_training_model(composer_run, data):
     save, trained, export = composer_run
     assert [p.name for p in export.exported] == ["ba2", "ba3"]  # every 2 batches, and at the end

@@ -28,7 +28,7 @@ from ddsc.train.checkpoints import (
     verify_checkpoint,
 )
 from ddsc.train.config import RunConfig
-from ddsc.train.run import load_labels, resolve_model_config
+from ddsc.train.run import load_labels, resolve_gene_vocab_size, resolve_model_config
 
 
 @dataclass
@@ -112,11 +112,14 @@ def resolve_export(
     run = dataclasses.replace(run, data=data)
     fetch_assets(run)  # remote vocabularies (the data in object storage) into the run's cache folder
     labels = load_labels(run)  # data.labels, else labels.json beside the data when the model has conditions
-    run = dataclasses.replace(run, model=resolve_model_config(run.model, labels))
     vocab_path = local_path(run, VOCAB_FILE)
     if not Path(vocab_path).is_file():
         raise FileNotFoundError(f"gene vocabulary not found ({vocab_path}); pass --vocab")
     vocab = GeneVocab.from_json(vocab_path)
+    model = resolve_model_config(run.model, labels)  # as training resolves them (a yaml may leave both to the data)
+    run = dataclasses.replace(
+        run, model=dataclasses.replace(model, gene_vocab_size=resolve_gene_vocab_size(model, vocab, run))
+    )
     labels_file = local_path(run, LABELS_FILE) if run.model.conditions else None
     inputs = StepInputs.of([resolve_checkpoint(checkpoint), config_path, vocab_path, labels_file], {})
     return run, vocab, labels, inputs
