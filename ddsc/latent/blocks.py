@@ -16,6 +16,16 @@ from torch import Tensor, nn
 from ddsc.model.dit import DiTBlock, Layout, in_dtype_of
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm with affine parameters, computed in float32 whatever their dtype: under FSDP mixed precision
+    they are bf16 while the residual stream stays float32, and ``layer_norm`` refuses mixed dtypes (the DiT's
+    norms have no parameters; this is their ``Float32Linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention + MLP: ``x`` [B, Q, D] attends over ``context`` [B, K, D].
 
@@ -29,12 +39,12 @@ class CrossBlock(nn.Module):
         hidden = int(d_model * mlp_ratio)
         self.n_heads = n_heads
         self.dropout = dropout
-        self.norm_q = nn.LayerNorm(d_model, eps=1e-6)
-        self.norm_kv = nn.LayerNorm(d_model, eps=1e-6)
+        self.norm_q = Float32LayerNorm(d_model, eps=1e-6)
+        self.norm_kv = Float32LayerNorm(d_model, eps=1e-6)
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.norm2 = nn.LayerNorm(d_model, eps=1e-6)
+        self.norm2 = Float32LayerNorm(d_model, eps=1e-6)
         self.mlp = nn.Sequential(
             nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, d_model)
         )

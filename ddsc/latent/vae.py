@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ddsc.latent.blocks import CrossBlock, compile_blocks, is_block, self_attention
+from ddsc.latent.blocks import CrossBlock, Float32LayerNorm, compile_blocks, is_block, self_attention
 from ddsc.latent.config import LatentVAEConfig
 from ddsc.latent.nb import nb_log_prob_log_space
 from ddsc.model.config import ModelConfig
@@ -105,10 +105,10 @@ class LatentVAE(nn.Module):
         self.count_mlp = scalar_mlp(d)
         self.queries = nn.Parameter(torch.zeros(cfg.n_latents, d))
         self.bag_embedding = nn.Embedding(gene_vocab_size, d)
-        self.bag_norm = nn.LayerNorm(d, eps=1e-6)
+        self.bag_norm = Float32LayerNorm(d, eps=1e-6)
         self.cross = CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(cfg.encoder_layers))
-        self.encoder_norm = nn.LayerNorm(d, eps=1e-6)
+        self.encoder_norm = Float32LayerNorm(d, eps=1e-6)
         self.posterior = Float32Linear(d, 2 * cfg.d_latent)
         # decoder
         self.latent_in = nn.Linear(cfg.d_latent, d)
@@ -118,7 +118,7 @@ class LatentVAE(nn.Module):
         self.decoder = nn.ModuleList(
             CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.decoder_layers)
         )
-        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
+        self.decoder_norm = Float32LayerNorm(d, eps=1e-6)
         self.head = Float32Linear(d, 2 if cfg.zero_inflated else 1)  # log-rate offset (, zero-inflation logit)
         self.gene_log_rate = nn.Embedding(gene_vocab_size, 1)
         self.gene_log_theta = nn.Embedding(gene_vocab_size, 1)
