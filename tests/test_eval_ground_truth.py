@@ -23,10 +23,11 @@ from ddsc.data.tahoe import parse_drugname_drugconc
 from ddsc.data.tokens import ExpressionTokens
 from ddsc.diffusion.config import DiffusionConfig
 from ddsc.diffusion.masked_diffusion import MaskedDiffusion
+from ddsc.eval.cell_models import MaskedCellModel
 from ddsc.eval.cells import collate_cells, fresh_collator, split_into_panels
 from ddsc.eval.drug_effects import DrugEffects, find_ground_truth
 from ddsc.eval.evaluate import evaluate
-from ddsc.eval.ground_truth import expected_bins, ground_truth_eval
+from ddsc.eval.ground_truth import ground_truth_eval
 from ddsc.eval.report import write_report
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -192,15 +193,14 @@ def test_expected_bins_is_the_models_conditional_mean(tmp_path):
     panels = split_into_panels(controls, 16, seed=0)
     cond = panels.cond.copy()
     cond[:, -1] = LABELS.encode("drug", ["d1"])[0]
-    got = expected_bins(SoftDrugModel(), panels, cond, ExpressionTokens(K), SamplerSettings(batch_size=5))
+    got = MaskedCellModel(SoftDrugModel(), ExpressionTokens(K), SamplerSettings(batch_size=5)).expected(panels, cond)
     for genes, mean in zip(panels.genes, got, strict=True):
         want = np.where(np.isin(genes, UP), 2.5, np.where(np.isin(genes, DOWN), 1.75, 2.0))
         np.testing.assert_allclose(mean, want, atol=1e-9)
 
     truth = DrugEffects.load(_truth_folder(tmp_path))
-    metrics, true, delta = ground_truth_eval(
-        SoftDrugModel(), collator, _samples(per_group=6), truth, SamplerSettings(batch_size=8), sampled_control_cells=0
-    )
+    soft = MaskedCellModel(SoftDrugModel(), ExpressionTokens(K), SamplerSettings(batch_size=8))
+    metrics, true, delta = ground_truth_eval(soft, collator, _samples(per_group=6), truth, sampled_control_cells=0)
     # per gene: delta +0.5 (UP), -0.25 (DOWN), 0 (rest) against effects +s, -s, 0 (s = 1, 2 by cell line)
     want_delta = np.where(np.isin(GENES, UP), 0.5, np.where(np.isin(GENES, DOWN), -0.25, 0.0))
     want = np.corrcoef(want_delta, np.where(np.isin(GENES, UP), 1.0, np.where(np.isin(GENES, DOWN), -1.0, 0.0)))[0, 1]
@@ -284,9 +284,8 @@ def test_oracle_of_the_true_profiles_scores_like_the_real_data(tmp_path):
     collator = CellCollator(max_length=64, binning=ORACLE_BINS, labels=labels, conditions=CONDITIONS)
     truth = DrugEffects.load(tmp_path / "ground_truth")
     settings = SamplerSettings(batch_size=64)
-    metrics, _, _ = ground_truth_eval(
-        ProfileOracle(tmp_path, labels), collator, samples, truth, settings, sampled_control_cells=0
-    )
+    oracle_model = MaskedCellModel(ProfileOracle(tmp_path, labels), ExpressionTokens(K_ORACLE), settings)
+    metrics, _, _ = ground_truth_eval(oracle_model, collator, samples, truth, sampled_control_cells=0)
     oracle, real = metrics["expected"], metrics["reference"]  # reference: all 2400 real cells (~130 per group)
     assert oracle["num_groups"] == real["num_groups"] == 2 * 2 * 3
     top = truth.doses[-1]

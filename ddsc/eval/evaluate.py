@@ -25,6 +25,7 @@ cells) and ``reference`` (real held-out cells) per "cell line|drug|dose" group, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,10 @@ from ddsc.eval.settings import EvalSettings
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used, so ``ddsc --help`` stays fast
     from ddsc.data.collator import CellCollator
+    from ddsc.data.tokens import ExpressionTokens
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
+    from ddsc.eval.cell_models import CellModel
+    from ddsc.eval.cells import EvalCells
     from ddsc.eval.plots import ReportArrays
     from ddsc.inference import Predictor
 
@@ -55,18 +59,71 @@ def evaluate(
     ``embed`` (samples -> ``{name: [n, d]}``, e.g. :func:`embed_samples`, i.e. ``ddsc embed``) enables the
     embedding evaluation on the label columns of the samples.
     """
+    from ddsc.eval.bootstrap import resample_weights
+    from ddsc.eval.cell_models import MaskedCellModel
+    from ddsc.eval.counts import count_summary
+    from ddsc.eval.masked import masked_prediction, masked_summary, nelbo_grid
+
+    run = prepare(collator, train_samples, eval_samples, settings, embed)
+    cells, device = run.cells, settings.device
+    results = masked_prediction(
+        model,
+        diffusion,
+        cells,
+        run.batches,
+        run.baselines,
+        settings.mask_rates,
+        settings.seed,
+        device,
+        binning=run.collator.binning,
+        count_imputers=run.imputers,
+    )
+    weights = resample_weights(len(cells), seed=settings.seed)
+    metrics = run.metrics
+    metrics["masked"], metrics["margins"] = masked_summary(results.bins, weights)
+    metrics["imputation_counts"] = {
+        rate: count_summary(by_name, weights, list(run.baselines) + list(run.imputers))
+        for rate, by_name in results.counts.items()
+    }
+    if settings.nelbo_points:
+        metrics["nelbo"] = nelbo_grid(
+            model, diffusion, cells, run.batches, settings.nelbo_points, settings.seed, device
+        )
+    cell_model = MaskedCellModel(model, run.tokens, settings.sampler, device, diffusion.cfg)
+    return metrics, model_sections(cell_model, run, (train_samples, eval_samples), settings, embed)
+
+
+@dataclass
+class Prepared:
+    """What both families' evaluations start from: the cells collated once by a freshly seeded collator, the
+    baselines fitted on the train cells, the evaluation batches and the ``setup`` section."""
+
+    collator: CellCollator
+    tokens: ExpressionTokens
+    train: EvalCells
+    cells: EvalCells
+    baselines: dict[str, Callable]  # bin predictors (``ddsc.eval.baselines``)
+    imputers: dict[str, Callable]  # count imputers (``ddsc.eval.counts``)
+    batches: list[list[int]]
+    metrics: dict
+
+
+def prepare(
+    collator: CellCollator,
+    train_samples: Sequence[dict],
+    eval_samples: Sequence[dict],
+    settings: EvalSettings,
+    embed: Callable | None = None,
+) -> Prepared:
     from ddsc.data.tokens import ExpressionTokens
     from ddsc.eval.baselines import CellHistogramBaseline, GeneCellProductBaseline, KNNBaseline, smoothing_queries
-    from ddsc.eval.bootstrap import resample_weights
     from ddsc.eval.cells import collate_cells, fresh_collator, length_batches
-    from ddsc.eval.counts import KNNMeanCounts, count_summary
-    from ddsc.eval.generation import generation_eval, has_treatments, perturbation_eval
-    from ddsc.eval.masked import masked_prediction, masked_summary, nelbo_grid
-    from ddsc.eval.plots import ReportArrays
+    from ddsc.eval.counts import KNNMeanCounts
 
-    labels = embedding_labels(eval_samples, settings.embed_labels) if embed is not None else {}  # fails early
+    if embed is not None:
+        embedding_labels(eval_samples, settings.embed_labels)  # a missing label column fails before any work
     collator = fresh_collator(collator, settings.seed)
-    tokens = ExpressionTokens(diffusion.num_bins)
+    tokens = ExpressionTokens(collator.binning.num_bins)
     train = collate_cells(collator, train_samples)
     cells = collate_cells(collator, eval_samples)
     if not len(cells) or not len(train):
@@ -83,57 +140,47 @@ def evaluate(
     }
     knn_counts = KNNMeanCounts.fit(knn, train)
     imputers = {"gene_mean": knn_counts.gene_mean.predict, "knn_mean": knn_counts.predict}
+    setup = {
+        "eval_cells": len(cells),
+        "baseline_train_cells": len(train),
+        "seed": settings.seed,
+        "cell_histogram_alpha": {"cell_histogram": histogram.alpha, "gene_cell_product": product.cell.alpha},
+    }
     batches = length_batches(cells, range(len(cells)), settings.batch_size)
-    device = settings.device
-    metrics: dict = {
-        "setup": {
-            "eval_cells": len(cells),
-            "baseline_train_cells": len(train),
-            "seed": settings.seed,
-            "cell_histogram_alpha": {"cell_histogram": histogram.alpha, "gene_cell_product": product.cell.alpha},
-        }
-    }
+    return Prepared(collator, tokens, train, cells, baselines, imputers, batches, {"setup": setup})
 
-    results = masked_prediction(
-        model,
-        diffusion,
-        cells,
-        batches,
-        baselines,
-        settings.mask_rates,
-        settings.seed,
-        device,
-        binning=collator.binning,
-        count_imputers=imputers,
-    )
-    weights = resample_weights(len(cells), seed=settings.seed)
-    metrics["masked"], metrics["margins"] = masked_summary(results.bins, weights)
-    metrics["imputation_counts"] = {
-        rate: count_summary(by_name, weights, list(baselines) + list(imputers))
-        for rate, by_name in results.counts.items()
-    }
-    if settings.nelbo_points:
-        metrics["nelbo"] = nelbo_grid(model, diffusion, cells, batches, settings.nelbo_points, settings.seed, device)
 
+def model_sections(
+    cell_model: CellModel,
+    run: Prepared,
+    samples: tuple[Sequence[dict], Sequence[dict]],
+    settings: EvalSettings,
+    embed: Callable[[Sequence[dict]], dict[str, np.ndarray]] | None,
+) -> ReportArrays:
+    """The sections every model family shares, added to ``run.metrics``: generation and perturbation (cells
+    drawn by ``cell_model``, in the data's bins), embeddings (``embed``) and the known drug effects; returns the
+    arrays behind their plots. ``samples``: the (train, evaluation) samples ``run`` was prepared from."""
+    from ddsc.eval.cells import collate_cells, fresh_collator
+    from ddsc.eval.generation import generation_eval, has_treatments, perturbation_eval
+    from ddsc.eval.plots import ReportArrays
+
+    collator, train, cells, metrics = run.collator, run.train, run.cells, run.metrics
+    train_samples, eval_samples = samples
     arrays = ReportArrays()
+    labels = embedding_labels(eval_samples, settings.embed_labels) if embed is not None else {}
     if settings.generate_cells:
-        zero_bin = collator.binning.zero_fraction > 0
         common = dict(
             max_cells=settings.generate_cells,
             max_genes=settings.max_genes,
-            zero_bin=zero_bin,
-            device=device,
-            diffusion_cfg=diffusion.cfg,
+            zero_bin=collator.binning.zero_fraction > 0,
         )
-        metrics["generation"], arrays.pca = generation_eval(model, cells, train, tokens, settings.sampler, **common)
+        metrics["generation"], arrays.pca = generation_eval(cell_model, cells, train, **common)
         if has_treatments(cells, settings.control):
             whole = fresh_collator(collator, settings.seed, max_length=1 << 30)  # every gene of every cell
             pert = perturbation_eval(
-                model,
+                cell_model,
                 collate_cells(whole, eval_samples),
                 collate_cells(whole, train_samples),
-                tokens,
-                settings.sampler,
                 max_length=collator.max_length,
                 control=settings.control,
                 min_cells=settings.min_group_cells,
@@ -152,24 +199,21 @@ def evaluate(
         from ddsc.eval.ground_truth import ground_truth_eval
 
         known = ground_truth_eval(
-            model,
+            cell_model,
             collator,
             eval_samples,
             DrugEffects.load(settings.ground_truth),
-            settings.sampler,
             control=settings.control,
             max_control_cells=settings.truth_control_cells,
             sampled_control_cells=settings.truth_sampled_cells,
             min_obs=settings.truth_min_obs,
-            device=device,
-            diffusion_cfg=diffusion.cfg,
         )
         if known is None:
             reason = "the model has no drug condition, or no control cell of a ground-truth cell line was evaluated"
             metrics["ground_truth"] = {"source": settings.ground_truth, "skipped": reason}
         else:
             metrics["ground_truth"], arrays.truth_effect, arrays.truth_generated = known
-    return metrics, arrays
+    return arrays
 
 
 def embedding_labels(samples: Sequence[dict], columns: Sequence[str]) -> dict[str, list[str]]:
@@ -225,9 +269,10 @@ def samples_anndata(vocab, samples: Sequence[dict]):
 def embed_samples(predictor: Predictor, samples: Sequence[dict], seed: int = 0) -> dict[str, np.ndarray]:
     """``ddsc embed`` of evaluation samples: they become an AnnData (``samples_anndata``) and go through
     ``Predictor.embed`` unchanged, with null conditions (``ddsc embed --null-conditions``): a state computed
-    from a cell's label would encode the label it is scored against."""
+    from a cell's label would encode the label it is scored against. Every ``X_ddsc_*`` embedding of the
+    model's family is returned."""
     out = predictor.embed(samples_anndata(predictor.vocab, samples), seed=seed, conditions={})
-    return {name: out.obsm[f"X_{name}"] for name in ("ddsc_labels", "ddsc_cls", "ddsc_mean")}
+    return {key[2:]: out.obsm[key] for key in out.obsm if key.startswith("X_ddsc_")}
 
 
 def load_data(

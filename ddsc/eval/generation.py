@@ -26,76 +26,19 @@ bin 0 for unexpressed genes (``zero_fraction > 0``), the bin itself with absent 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from ddsc.data.tokens import ExpressionTokens
-from ddsc.diffusion.samplers import sample
 from ddsc.eval.bootstrap import mean_interval, resample_weights
-from ddsc.eval.cells import EvalCells, length_batches, pack, split_into_panels
+from ddsc.eval.cell_models import CellModel
+from ddsc.eval.cells import EvalCells, split_into_panels
 from ddsc.eval.metrics import PCA, generation_metrics
 from ddsc.eval.perturbation import METRICS, LineCells, score_line
-from ddsc.eval.settings import SamplerSettings
-
-
-def generate_bins(
-    model: Callable,
-    cells: EvalCells,
-    idx: list[int],
-    tokens: ExpressionTokens,
-    settings: SamplerSettings,
-    cond: np.ndarray | None = None,
-    device: torch.device | str = "cpu",
-    diffusion_cfg=None,
-) -> EvalCells:
-    """Generated cells: every bin of cell ``idx[j]``'s genes generated with labels ``cond[j]`` (default: its
-    own). Metadata and ids follow ``idx``."""
-    labels = cells.cond[idx] if cond is None else np.asarray(cond, cells.cond.dtype)
-    genes: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
-    bins: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
-    panel_cells = EvalCells(
-        [cells.cell_ids[i] for i in idx],
-        [cells.genes[i] for i in idx],
-        [cells.bins[i] for i in idx],
-        labels,
-        {},
-    )
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    for rows in tqdm(length_batches(panel_cells, range(len(idx)), settings.batch_size), desc="generate", unit="batch"):
-        batch = {k: v.to(device) for k, v in pack(panel_cells, rows, tokens).items()}
-        out = sample(
-            model,
-            batch,
-            method=settings.method,
-            steps=settings.steps,
-            temperature=settings.temperature,
-            guidance_scale=settings.guidance_scale,
-            generator=generator,
-            diffusion=diffusion_cfg,
-        )
-        expr = out.expr.cpu()
-        for r, j in enumerate(rows):
-            genes[j] = panel_cells.genes[j]
-            bins[j] = expr[r, 1 : 1 + len(genes[j])].numpy().astype(np.int64)
-    metadata = {c: [v[i] for i in idx] for c, v in cells.metadata.items()}
-    return EvalCells([cells.cell_ids[i] for i in idx], genes, bins, labels, metadata)
 
 
 def generate_whole(
-    model: Callable,
-    cells: EvalCells,
-    idx: list[int],
-    panels: list[int],
-    max_length: int,
-    tokens: ExpressionTokens,
-    settings: SamplerSettings,
-    device: torch.device | str = "cpu",
-    diffusion_cfg=None,
+    cell_model: CellModel, cells: EvalCells, idx: list[int], panels: list[int], max_length: int
 ) -> EvalCells:
-    """:func:`generate_bins` for whole cells longer than the model's ``max_length``: the genes of cell
+    """``cell_model.generate`` for whole cells longer than the model's ``max_length``: the genes of cell
     ``panels[j]`` are cut into random chunks of at most ``max_length`` (as in training, where a long cell is a
     random subset), every chunk is generated with cell ``idx[j]``'s labels, and the chunks are put together."""
     source = EvalCells(
@@ -105,10 +48,8 @@ def generate_whole(
         cells.cond[idx],
         {},
     )
-    chunks = split_into_panels(source, max_length, settings.seed)
-    drawn = generate_bins(
-        model, chunks, list(range(len(chunks))), tokens, settings, device=device, diffusion_cfg=diffusion_cfg
-    )
+    chunks = split_into_panels(source, max_length, cell_model.seed)
+    drawn = cell_model.generate(chunks, list(range(len(chunks))))
     owner = np.array([int(name.rsplit("#", 1)[0]) for name in chunks.cell_ids])
     parts = [np.flatnonzero(owner == j) for j in range(len(panels))]
     metadata = {c: [v[i] for i in idx] for c, v in cells.metadata.items()}
@@ -146,36 +87,27 @@ def split_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def generation_eval(
-    model: Callable,
-    cells: EvalCells,
-    fit_cells: EvalCells,
-    tokens: ExpressionTokens,
-    settings: SamplerSettings,
-    max_cells: int,
-    max_genes: int,
-    zero_bin: bool,
-    device="cpu",
-    diffusion_cfg=None,
+    cell_model: CellModel, cells: EvalCells, fit_cells: EvalCells, max_cells: int, max_genes: int, zero_bin: bool
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(metrics, PCA coordinates of A, of the held-out real cells B and of the generated cells), in the PCA
     fitted on ``fit_cells``."""
-    a, b = split_halves(len(cells), settings.seed)
+    seed = cell_model.seed
+    a, b = split_halves(len(cells), seed)
     a, b = a[:max_cells], b[:max_cells]
-    generated = generate_bins(model, cells, b, tokens, settings, device=device, diffusion_cfg=diffusion_cfg)
+    generated = cell_model.generate(cells, b)
     columns = top_genes(cells, max_genes)
     real_a, real_b = dense(cells, a, columns, zero_bin), dense(cells, b, columns, zero_bin)
     gen = dense(generated, range(len(b)), columns, zero_bin)
     fit = dense(fit_cells, range(len(fit_cells)), columns, zero_bin)
     pca = PCA.fit(fit, n_components=min(50, len(fit_cells) - 1, len(columns)))
     metrics = {
-        "generated": generation_metrics(real_a, gen, pca, seed=settings.seed),
-        "reference": generation_metrics(real_a, real_b, pca, seed=settings.seed),
+        "generated": generation_metrics(real_a, gen, pca, seed=seed),
+        "reference": generation_metrics(real_a, real_b, pca, seed=seed),
         "num_real": len(a),
         "num_generated": len(b),
         "num_genes": len(columns),
         "pca_fit_cells": len(fit_cells),
-        "sampler": settings.method,
-        "steps": settings.steps,
+        **cell_model.sampler(),
     }
     coordinates = {"real": pca.transform(real_a), "held_out": pca.transform(real_b), "generated": pca.transform(gen)}
     return metrics, coordinates
@@ -223,11 +155,9 @@ def _summary(groups: dict[str, dict], seed: int) -> dict:
 
 
 def perturbation_eval(
-    model: Callable,
+    cell_model: CellModel,
     cells: EvalCells,
     train: EvalCells,
-    tokens: ExpressionTokens,
-    settings: SamplerSettings,
     max_length: int,
     max_cells: int,
     max_genes: int,
@@ -235,8 +165,6 @@ def perturbation_eval(
     control: str = "DMSO_TF",
     min_cells: int = 3,
     top_k: int = 50,
-    device="cpu",
-    diffusion_cfg=None,
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
     """(metrics, real A effects, model effects, both concatenated over the scored groups); None without groups.
 
@@ -258,7 +186,8 @@ def perturbation_eval(
         np.asarray(cells.metadata["drug"]),
         treatment_keys(cells),
     )
-    a, b = (np.asarray(h) for h in split_halves(len(cells), settings.seed))
+    seed = cell_model.seed
+    a, b = (np.asarray(h) for h in split_halves(len(cells), seed))
     columns = top_genes(cells, max_genes)
     x = dense(cells, range(len(cells)), columns, zero_bin)
     real_a = _by_line(x[a], line[a], treatment[a], drug[a], control, min_cells)
@@ -271,7 +200,7 @@ def perturbation_eval(
         for ln in set(real_a) & set(real_b) & set(fit_lines)
     }
     scored = {ln: keys for ln, keys in scored.items() if keys}
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(seed)
     wanted = [i for i in b.tolist() if line[i] in scored and treatment[i] in scored[line[i]]]
     treated = sorted(rng.permutation(wanted)[:max_cells].tolist())
     controls = {ln: [i for i in b.tolist() if line[i] == ln and drug[i] == control] for ln in scored}
@@ -279,9 +208,8 @@ def perturbation_eval(
     if not treated:
         return None
     panels = [int(rng.choice(controls[line[i]])) for i in treated]
-    common = dict(device=device, diffusion_cfg=diffusion_cfg)
-    drawn_t = generate_whole(model, cells, treated, panels, max_length, tokens, settings, **common)
-    drawn_c = generate_whole(model, cells, ctrl, ctrl, max_length, tokens, settings, **common)
+    drawn_t = generate_whole(cell_model, cells, treated, panels, max_length)
+    drawn_c = generate_whole(cell_model, cells, ctrl, ctrl, max_length)
     gen_t = dense(drawn_t, range(len(treated)), columns, zero_bin)
     gen_c = dense(drawn_c, range(len(ctrl)), columns, zero_bin)
     generated = _by_line(
@@ -309,7 +237,7 @@ def perturbation_eval(
         for ln in sorted(scored):
             for key, values in score_line(truth[ln], predicted[ln], top_k).items():
                 groups[f"{ln}|{key}"] = values
-        results[name] = _summary(groups, settings.seed)
+        results[name] = _summary(groups, seed)
     metrics = {
         "num_groups": sum(len(k) for k in scored.values()),
         "top_k": top_k,

@@ -10,11 +10,14 @@ at most the model's training length: the *panels*. Each panel is scored once wit
 once per (drug, dose) with that drug and dose; the delta of gene g is the mean over the panels holding g of
 (bin under the drug - bin under DMSO_TF), and its Pearson correlation over genes with
 ``effect[line, drug, dose]`` is the figure, per (cell line, drug, dose) group, averaged overall and per dose.
-Genes seen in fewer than ``min_obs`` panels are left out (counted). Two estimators of the bin:
+Genes seen in fewer than ``min_obs`` panels are left out (counted). Two estimators, asked of the model
+through its ``CellModel`` (:mod:`ddsc.eval.cell_models`), so both families are scored by this code:
 
-- ``expected`` (the headline): the model's expected bin with every bin masked at t = 1, i.e. the mean of the
-  per-gene distribution the first generation step samples from: the model's conditional mean, free of
-  sampling noise, so it needs one forward pass per panel and label set and can afford many control cells.
+- ``expected`` (the headline): the model's noise-free conditional mean of every panel gene. For the masked
+  family the expected bin with every bin masked at t = 1 (the mean of the per-gene distribution the first
+  generation step samples from: one forward pass per panel and label set, so it can afford many control
+  cells); for the latent family the decoded log mean over a fixed set of flow draws. ``expected_units`` says
+  which.
 - ``generated``: bins actually sampled (the configured sampler) on the panels of fewer control cells. Every
   pass draws from the same seeded random stream (common random numbers): where the labels do not change the
   model's output the draws, and the delta, are exactly 0. It adds the sampling noise of single cells.
@@ -41,22 +44,18 @@ noisy real data get in these units; the model can exceed it (it pools all traini
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ddsc.data.chemistry import morgan_fingerprint, tanimoto
 from ddsc.data.collator import CellCollator
-from ddsc.data.tokens import ExpressionTokens
-from ddsc.diffusion.samplers import guided_log_probs
-from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches, pack, split_into_panels
+from ddsc.eval.cell_models import CellModel
+from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, split_into_panels
 from ddsc.eval.drug_effects import DrugEffects
-from ddsc.eval.generation import generate_bins
 from ddsc.eval.metrics import pearson
-from ddsc.eval.settings import SamplerSettings
 from ddsc.model.conditions import column_slices, encode_values
 
 
@@ -135,36 +134,6 @@ def _has_drug_condition(collator: CellCollator) -> bool:
     return any(s.kind == "molecule" or (s.kind == "label" and s.source == "drug") for s in collator.specs)
 
 
-def expected_bins(
-    model: Callable,
-    panels: EvalCells,
-    cond: np.ndarray,
-    tokens: ExpressionTokens,
-    settings: SamplerSettings,
-    device="cpu",
-) -> list[np.ndarray]:
-    """Per panel, the model's expected bin of every gene with all bins masked at t = 1 under labels ``cond``:
-    the mean of the per-gene distribution that the first generation step draws from (guidance and temperature
-    as in ``settings``), i.e. the model's conditional mean bin, without sampling noise."""
-    out: list[np.ndarray] = [np.zeros(0)] * len(panels)
-    bins = torch.arange(tokens.num_bins, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for rows in length_batches(panels, range(len(panels)), settings.batch_size):
-                batch = {k: v.to(device) for k, v in pack(panels, rows, tokens, cond[rows]).items()}
-                masked = batch["expr"].masked_fill(batch["real"], tokens.mask)
-                t = torch.ones(len(rows), device=device)
-                log_probs, _ = guided_log_probs(model, batch, masked, t, settings.guidance_scale, settings.temperature)
-                mean = (log_probs.exp() @ bins).cpu().numpy()
-                for r, j in enumerate(rows):
-                    out[j] = mean[r, 1 : 1 + len(panels.genes[j])]
-    finally:
-        model.train(was_training)
-    return out
-
-
 @dataclass
 class _Groups:
     """Per-group scores of one estimator, and the (true effect, estimated delta) pairs behind them."""
@@ -186,34 +155,31 @@ class _Groups:
 
 
 def ground_truth_eval(
-    model: Callable,
+    cell_model: CellModel,
     collator: CellCollator,
     samples: Sequence[dict],
     truth: DrugEffects,
-    settings: SamplerSettings,
     control: str = "DMSO_TF",
     max_control_cells: int = 16,
     sampled_control_cells: int = 4,
     min_obs: int = 3,
-    device="cpu",
-    diffusion_cfg=None,
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
-    """(metrics, true effects, expected-bin deltas, both concatenated over groups); None when the model has no
+    """(metrics, true effects, expected deltas, both concatenated over groups); None when the model has no
     drug condition or the evaluation cells hold no control cell of a ground-truth cell line.
 
-    ``expected`` scores the model's conditional mean bins (:func:`expected_bins`) on the panels of up to
+    ``expected`` scores the model's conditional means (``cell_model.expected``) on the panels of up to
     ``max_control_cells`` control cells per cell line; ``generated`` scores sampled cells on the panels of the
     first ``sampled_control_cells`` of them (0 skips it); ``reference`` scores the real held-out cells."""
     if not _has_drug_condition(collator):
         return None
-    tokens = ExpressionTokens(collator.binning.num_bins)
+    seed = cell_model.seed
     samples = [s for s in samples if str(s.get("cell_line_id", "")) in set(truth.cell_lines)]
     if not samples:
         return None
-    whole = collate_cells(fresh_collator(collator, settings.seed, max_length=1 << 30), samples)
+    whole = collate_cells(fresh_collator(collator, seed, max_length=1 << 30), samples)
     line, drug = np.asarray(whole.metadata["cell_line_id"]), np.asarray(whole.metadata.get("drug", [""] * len(whole)))
     dose = np.asarray(whole.metadata.get("dose", [""] * len(whole)))
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(seed)
     chosen = {
         ln: rng.permutation(np.flatnonzero((line == ln) & (drug == control)))[:max_control_cells].tolist()
         for ln in truth.cell_lines
@@ -221,7 +187,7 @@ def ground_truth_eval(
     controls = sorted(i for rows in chosen.values() for i in rows)
     if not controls:
         return None
-    panels = split_into_panels(whole.subset(controls), collator.max_length, settings.seed)
+    panels = split_into_panels(whole.subset(controls), collator.max_length, seed)
     panel_line = np.asarray(panels.metadata["cell_line_id"])
     first = {whole.cell_ids[i] for rows in chosen.values() for i in rows[:sampled_control_cells]}
     sampled_panels = [j for j, name in enumerate(panels.cell_ids) if name.rsplit("#", 1)[0] in first]
@@ -230,18 +196,14 @@ def ground_truth_eval(
     conds = {(d, c): treatment_cond(collator, panels.cond, d, c, truth) for d, c in wanted}
     treatments = [t for t in wanted if conds[t] is not None]
     skipped = len(wanted) - len(treatments)
-    common = dict(device=device, diffusion_cfg=diffusion_cfg)
-    expected_control = expected_bins(model, panels, panels.cond, tokens, settings, device)
-    sampled_control = generate_bins(model, panels, sampled_panels, tokens, settings, **common)
+    expected_control = cell_model.expected(panels, panels.cond)
+    sampled_control = cell_model.generate(panels, sampled_panels)
     expected, sampled, real = _Groups.empty(), _Groups.empty(), _Groups.empty()
     deltas: dict[str, tuple] = {}  # key -> (genes, expected delta, counts): the baselines' inputs
     for d, c in tqdm(treatments, desc="known drug effects", unit="treatment"):
         cond = conds[(d, c)]
-        mean_diff = [
-            a - b
-            for a, b in zip(expected_bins(model, panels, cond, tokens, settings, device), expected_control, strict=True)
-        ]
-        drawn = generate_bins(model, panels, sampled_panels, tokens, settings, cond=cond[sampled_panels], **common)
+        mean_diff = [a - b for a, b in zip(cell_model.expected(panels, cond), expected_control, strict=True)]
+        drawn = cell_model.generate(panels, sampled_panels, cond=cond[sampled_panels])
         draw_diff = [a - b for a, b in zip(drawn.bins, sampled_control.bins, strict=True)]
         for li, ln in enumerate(truth.cell_lines):
             rows = np.flatnonzero(panel_line == ln).tolist()
@@ -270,8 +232,8 @@ def ground_truth_eval(
         "sampled_panels": len(sampled_panels),
         "treatments_without_label": skipped,
         "min_obs": min_obs,
-        "sampler": settings.method,
-        "steps": settings.steps,
+        "expected_units": cell_model.expected_units,
+        **cell_model.sampler(),
     }
     return metrics, _concat(expected.true), _concat(expected.estimated)
 

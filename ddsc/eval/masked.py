@@ -93,26 +93,47 @@ def masked_prediction(
             times = torch.full((len(idx),), t, device=device)
             logits = model(batch["gene_ids"], noisy, batch["attention_mask"], batch["cond"], times)
             masks = [mask[row, 1 : 1 + len(cells.genes[i])].numpy() for row, i in enumerate(idx)]
-            queries = [(cells.genes[i], cells.bins[i], m) for i, m in zip(idx, masks, strict=True)]
+            queries = mask_queries(cells, idx, masks)
             targets = np.concatenate([bins[m] for _, bins, m in queries])
-            per_row = [int(m.sum()) for m in masks]
-            owner = np.repeat(idx, per_row)  # the evaluation cell of each masked position
+            owner = np.repeat(idx, [int(m.sum()) for m in masks])  # the evaluation cell of each masked position
             probs = {"model": logits.double().softmax(dim=-1)[mask.to(device)].cpu().numpy()}
             probs.update({name: predict(queries) for name, predict in baselines.items()})
             for name, p in probs.items():
                 stats[name].update(p, targets, owner)
             if in_counts:
-                values = cell_bin_values(cells, idx, masks, binning)[np.repeat(np.arange(len(idx)), per_row)]
-                true = np.concatenate([cells.counts[i][m] for i, m in zip(idx, masks, strict=True)])
-                for name, p in probs.items():
-                    counts[name].update((p * values).sum(axis=1), true, owner)
-                for name, impute in imputers.items():
-                    counts[name].update(impute(queries), true, owner)
+                score_counts(counts, probs, cells, idx, masks, binning, imputers)
             progress.update()
         results.bins[f"{rate:g}"] = stats
         results.counts[f"{rate:g}"] = counts
     progress.close()
     return results
+
+
+def mask_queries(cells: EvalCells, idx: Sequence[int], masks: Sequence[np.ndarray]) -> list[tuple]:
+    """The baselines' queries: (genes, bins, masked) of cells ``idx``."""
+    return [(cells.genes[i], cells.bins[i], m) for i, m in zip(idx, masks, strict=True)]
+
+
+def score_counts(
+    counts: dict[str, CountStats],
+    probs: dict[str, np.ndarray],
+    cells: EvalCells,
+    idx: Sequence[int],
+    masks: Sequence[np.ndarray],
+    binning: BinningConfig,
+    imputers: dict[str, CountImputer],
+) -> None:
+    """Add to ``counts`` the implied count of every bin distribution in ``probs`` (masked positions of cells
+    ``idx``, in order) and every imputer's prediction, against the true counts."""
+    per_row = [int(m.sum()) for m in masks]
+    owner = np.repeat(idx, per_row)
+    values = cell_bin_values(cells, idx, masks, binning)[np.repeat(np.arange(len(idx)), per_row)]
+    true = np.concatenate([cells.counts[i][m] for i, m in zip(idx, masks, strict=True)])
+    for name, p in probs.items():
+        counts[name].update((p * values).sum(axis=1), true, owner)
+    queries = mask_queries(cells, idx, masks)
+    for name, impute in imputers.items():
+        counts[name].update(impute(queries), true, owner)
 
 
 def masked_summary(stats: dict[str, dict], weights: np.ndarray) -> tuple[dict, dict]:

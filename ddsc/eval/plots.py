@@ -27,6 +27,7 @@ LABELS = {
     "ddsc_labels": "DDSC label likelihoods",
     "ddsc_cls": "DDSC CLS",
     "ddsc_mean": "DDSC mean-pooled",
+    "ddsc_latent": "DDSC latent (VAE posterior means)",
     "pca50_log1p": "PCA-50 of log1p counts",
 }
 

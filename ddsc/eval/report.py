@@ -141,12 +141,12 @@ def _ground_truth_section(known: dict | None) -> list[str]:
     lines += [
         f"Pearson over genes between the true log-rate effect vs DMSO_TF and the bin delta, per (cell line, drug, "
         f"dose), on {known['panels']} gene panels of {known['control_cells']} real control cells relabelled with "
-        f"each drug and dose. Expected: the model's conditional mean bin (all bins masked, t = 1: the distribution "
-        f"the first generation step samples from). Sampled: generated cells ({known['sampler']}, {known['steps']} "
+        f"each drug and dose. Expected: the model's conditional mean, {known['expected_units']}. "
+        f"Sampled: generated cells ({known['sampler']}, {known['steps']} "
         f"steps) on the {known['sampled_panels']} panels of {known['sampled_control_cells']} of those cells. "
         f"Reference: real held-out treated vs control cells.",
         "",
-        "| | model, expected bins | model, sampled cells | reference (real) |",
+        "| | model, expected | model, sampled cells | reference (real) |",
         "|---|---|---|---|",
     ]
     rows = [
@@ -167,7 +167,7 @@ def _split_section(exp: dict) -> list[str]:
     """Expected-bin delta Pearson by seen / unseen drug / unseen dose, and the unseen drugs' baselines."""
     if len(exp.get("by_split", {})) < 2 and not exp.get("baselines"):
         return []
-    lines = ["", "| split (expected bins) | mean delta Pearson | groups |", "|---|---|---|"]
+    lines = ["", "| split (expected) | mean delta Pearson | groups |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(v['mean_delta_pearson'])} | {v['num_groups']} |" for k, v in exp["by_split"].items()]
     base = exp.get("baselines")
     if base:
@@ -189,6 +189,13 @@ def _summary(metrics: dict, plots: list[str]) -> str:
     if metrics.get("masked"):
         lines += _masked_section(metrics["masked"], metrics["margins"])
     lines += _counts_section(metrics.get("imputation_counts", {}))
+    if "reconstruction" in metrics:
+        rec = metrics["reconstruction"]["nb_nll_per_gene"]
+        lines += [
+            "",
+            f"VAE reconstruction, NB negative log-likelihood per gene: **{rec['posterior_mean']:.4f}** nats decoding "
+            f"the posterior means, {rec['prior_mean']:.4f} decoding the prior mean (z = 0)",
+        ]
     if "nelbo" in metrics:
         lines += ["", f"NELBO per real token on a fixed t grid: **{metrics['nelbo']['nelbo']:.4f}** nats"]
     if "generation" in metrics:

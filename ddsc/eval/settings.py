@@ -35,7 +35,7 @@ class EvalSettings:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     device: str = "cpu"
     ground_truth: str | None = None  # demo ground_truth/ folder: score generated drug effects against it
-    truth_control_cells: int = 16  # control cells per cell line whose panels are scored (expected bins)
+    truth_control_cells: int = 16  # control cells per cell line whose panels are scored (expected values)
     truth_sampled_cells: int = 4  # of these, cells per line whose panels are also sampled (0: no sampling)
     truth_min_obs: int = 3  # panels a gene must appear in to enter the ground-truth correlation
     embed_labels: tuple[str, ...] = ()  # label columns scoring the embeddings (default: cell line, drug, dose)
