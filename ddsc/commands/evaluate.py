@@ -1,7 +1,8 @@
 """Evaluate a model: masked prediction and count imputation vs baselines, NELBO, generation, perturbation
 and embedding metrics, a report.
 
-Usage: ``ddsc evaluate --model DIR --data MDS_DIR|X.h5ad --out REPORT_DIR``. Everything is seeded: two runs on
+Usage: ``ddsc evaluate --model DIR --data MDS_DIR|X.h5ad --out REPORT_DIR``, for a model of either family
+(``ddsc.eval.evaluate_latent`` says what a latent model's report holds). Everything is seeded: two runs on
 the same model give the same numbers. The baselines are fitted on the train split (MDS) or, for an .h5ad, on
 a seeded half of its cells (the other half is evaluated). The metrics and the ``metrics.json`` layout:
 ``ddsc.eval.evaluate``. A report already written from the same model, data and settings is left as it is.
@@ -10,6 +11,7 @@ a seeded half of its cells (the other half is evaluated). The metrics and the ``
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +20,7 @@ from ddsc.commands.model_args import add_round_counts_argument
 from ddsc.diffusion.sampler_names import METHODS
 from ddsc.done import StepInputs
 from ddsc.eval.evaluate import embed_samples, evaluate, load_data
+from ddsc.eval.evaluate_latent import evaluate_latent
 from ddsc.eval.masks import MASK_RATES
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -42,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nelbo-points", type=int, default=10, help="t grid size (0 skips)")
     parser.add_argument("--generate-cells", type=int, default=256, help="cells generated per half (0 skips generation)")
     parser.add_argument("--sampler", default="first_hitting", choices=METHODS)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=32, help="sampler steps (a latent model: Euler steps of its flow)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--max-genes", type=int, default=1000, help="genes used by the generation metrics")
@@ -107,7 +110,16 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def summary_line(metrics: dict) -> str:
+    """The masked-bin CE margins per mask rate or, for a model without bins, the count-imputation Pearson."""
     parts = []
+    if "masked" not in metrics:
+        for rate, c in metrics["imputation_counts"].items():
+            best = c["best_baseline"]
+            parts.append(
+                f"r={rate}: imputed-count Pearson {c['scores']['model']['pearson_log1p']:.3f} (best baseline {best} "
+                f"{c['scores'][best]['pearson_log1p']:.3f})"
+            )
+        return "; ".join(parts)
     for rate, m in metrics["masked"].items():
         margin = metrics["margins"][rate]
         best = margin["best_baseline"]
@@ -136,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
     inputs.begin(args.out)
     start = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, device=settings.device)
-    diffusion = MaskedDiffusion(predictor.diffusion, predictor.config.num_bins)
     train, evaluation, source = load_data(
         args.data,
         predictor,
@@ -148,16 +159,16 @@ def run(args: argparse.Namespace) -> int:
         args.baseline_fraction,
         args.round_counts,
     )
-    metrics, arrays = evaluate(
-        predictor.model,
-        predictor.collator,
-        diffusion,
-        train,
-        evaluation,
-        settings,
-        embed=lambda samples: embed_samples(predictor, samples, settings.seed),
-    )
-    metrics["setup"].update({"model": str(args.model), "data": source, "settings": asdict(settings)})
+    embed = functools.partial(embed_samples, predictor, seed=settings.seed)
+    if predictor.family == "latent":
+        if predictor.collator is None:
+            raise ValueError(f"--model {args.model}: the export has no binning of its data; export it again")
+        metrics, arrays = evaluate_latent(predictor.model, predictor.collator, train, evaluation, settings, embed)
+    else:
+        diffusion = MaskedDiffusion(predictor.diffusion, predictor.config.num_bins)
+        metrics, arrays = evaluate(predictor.model, predictor.collator, diffusion, train, evaluation, settings, embed)
+    setup = {"model": str(args.model), "family": predictor.family, "data": source, "settings": asdict(settings)}
+    metrics["setup"].update(setup)
     files = write_report(args.out, metrics, arrays)
     print(f"evaluated {len(evaluation)} cells in {time.perf_counter() - start:.0f}s: {summary_line(metrics)}")
     known = metrics.get("ground_truth", {})
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         expected, sampled, reference = (known[k] for k in ("expected", "generated", "reference"))
         top = max(expected["by_dose"], key=float, default="")
         print(
-            f"known drug effects ({known['source']}): delta Pearson of the model's expected bins "
+            f"known drug effects ({known['source']}): delta Pearson of the model's expected values "
             f"{expected['mean_delta_pearson']:.3f} (dose {top}: {expected['by_dose'].get(top, float('nan')):.3f}), "
             f"of sampled cells {sampled['mean_delta_pearson']:.3f}; real held-out cells "
             f"{reference['mean_delta_pearson']:.3f} (dose {top}: {reference['by_dose'].get(top, float('nan')):.3f})"

@@ -25,11 +25,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ddsc.config import from_dict
 from ddsc.data.batch_layout import cell_layout, pad_cells
+from ddsc.data.binning_config import BinningConfig
 from ddsc.inference.loaded import Conditions, LoadedModel
 from ddsc.inference.rows import gene_chunks
 from ddsc.latent.flow import initial_noise
 from ddsc.latent.hf import DDSCLatentModel
+from ddsc.latent.nb import sample_nb
 
 EMBEDDING_KEY = "X_ddsc_latent"
 MEAN_LAYER = "ddsc_mean"
@@ -42,7 +45,11 @@ class LatentLoadedModel(LoadedModel):
     model_class = DDSCLatentModel
 
     def setup_family(self) -> None:
+        """Conditions, and the training data's binning and collator (``ddsc evaluate`` compares latent cells with
+        real ones in the data's bins); None for an export without a binning."""
         self.specs = self.config.condition_specs()
+        self.binning = from_dict(BinningConfig, self.config.binning) if self.config.binning else None
+        self.collator = self.data_collator() if self.binning is not None else None
 
 
 def latent_panel(loaded: LatentLoadedModel, gene_panel: Sequence[str]) -> np.ndarray:
@@ -50,14 +57,6 @@ def latent_panel(loaded: LatentLoadedModel, gene_panel: Sequence[str]) -> np.nda
     if not gene_panel:
         raise ValueError("gene panel: empty")
     return loaded.panel(gene_panel)
-
-
-def sample_nb(mu: np.ndarray, theta: np.ndarray, pi: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    """Counts from NB(mu, theta) (numpy's ``n = theta, p = theta / (theta + mu)``), zero with probability ``pi``."""
-    counts = rng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)
-    if pi is not None:
-        counts[rng.random(counts.shape) < pi] = 0.0
-    return counts
 
 
 def generate_counts(

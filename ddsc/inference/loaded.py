@@ -105,7 +105,11 @@ class LoadedModel:
         self.binning = from_dict(BinningConfig, self.config.binning)
         self.diffusion = from_dict(DiffusionConfig, self.config.diffusion)
         self.tokens = self.config.tokens
-        self.collator = CellCollator(
+        self.collator = self.data_collator()
+
+    def data_collator(self) -> CellCollator:
+        """A collator that bins and labels cells exactly as the model's training data were (``self.binning``)."""
+        return CellCollator(
             self.max_length, self.binning, self.labels, self.specs, gene_vocab_size=self.config.gene_vocab_size
         )
 

@@ -14,6 +14,7 @@ zero case of the mixture is a ``logaddexp`` too, so nothing overflows or takes `
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,3 +46,22 @@ def nb_log_prob(x: Tensor, mu: Tensor, theta: Tensor, zi_logits: Tensor | None =
     """``log p(x)`` from the mean ``mu > 0`` and inverse dispersion ``theta > 0`` (see the module docstring)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return nb_log_prob_log_space(x, mu.float().log(), theta.float().log(), zi_logits)
+
+
+def sample_nb(
+    mu: np.ndarray, theta: np.ndarray, pi: np.ndarray | None, rng: np.random.Generator, at_least_one: bool = False
+) -> np.ndarray:
+    """Counts float32 from NB(mu, theta), zero with probability ``pi``; ``at_least_one`` draws from the NB given
+    ``count >= 1`` instead (by inverse CDF above the zero mass; ``pi`` is then irrelevant), as for the genes of a
+    panel known to be expressed."""
+    if not at_least_one:
+        counts = rng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)
+        if pi is not None:
+            counts[rng.random(counts.shape) < pi] = 0.0
+        return counts
+    from scipy import stats
+
+    p = theta / (theta + mu)
+    zero = np.exp(theta * np.log(p))
+    u = zero + (1 - zero) * rng.random(np.shape(mu))
+    return np.maximum(stats.nbinom.ppf(np.minimum(u, 1 - 1e-12), theta, p), 1).astype(np.float32)
