@@ -9,106 +9,82 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy import stats
 
-from ddsc.data.batch_layout import cell_layout, pad_cells
-from ddsc.eval.cells import EvalCells, collate_cells, fresh_collator, length_batches
-from ddsc.eval.metrics import PCA, generation_metrics, pearson
+from ddsc.eval.cell_models import MaskedCellModel
+from ddsc.eval.cells import collate_cells, fresh_collator, length_batches
+from ddsc.eval.latent_cells import LatentCellModel, latent_imputation, reconstruction
 from ddsc.eval.settings import SamplerSettings
-
-CONTROL = "DMSO_TF"
 
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def truncated_nb(mu: np.ndarray, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Counts from NB(mu, theta) conditioned on ``count >= 1`` (inverse CDF above the zero mass)."""
-    p = theta / (theta + mu)
-    zero = np.exp(theta * np.log(p))
-    u = zero + (1 - zero) * rng.random(mu.shape)
-    return np.maximum(stats.nbinom.ppf(np.minimum(u, 1 - 1e-12), theta, p), 1).astype(np.int64)
-
-
-@torch.no_grad()
-def latent_panel_cells(latent, cells: EvalCells, idx: list[int], collator, steps: int, seed: int) -> EvalCells:
-    """Latent-family cells on the panels and labels of ``cells[idx]``, binned as the collator bins real cells."""
-    model, generator, rng = latent.model, torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    from ddsc.latent.flow import initial_noise
-
-    genes, bins = [], []
-    for start in range(0, len(idx), 64):
-        rows = idx[start : start + 64]
-        gene_ids, _, real = pad_cells([cells.genes[i] for i in rows], [cells.bins[i] for i in rows])
-        cond = torch.from_numpy(cells.cond[rows]) if cells.cond.shape[1] else None
-        z = model.sample_latents(initial_noise(len(rows), model.latent_shape, generator), cond, steps, 1.0)
-        params = model.decode(z, gene_ids, model.sample_log_library(len(rows), generator))
-        mu, theta = params.log_mu.double().exp().numpy(), params.log_theta.double().exp().numpy()
-        counts = torch.from_numpy(np.where(real.numpy(), truncated_nb(mu, theta, rng), 0))
-        drawn = collator.bins_for(counts, real)
-        for r, i in enumerate(rows):
-            genes.append(cells.genes[i])
-            bins.append(drawn[r, : len(cells.genes[i])].numpy().astype(np.int64))
-    return EvalCells([cells.cell_ids[i] for i in idx], genes, bins, cells.cond[idx], {})
-
-
-def generation_scores(masked, latent, cells, train, collator, args) -> dict:
-    from ddsc.eval.generation import dense, generate_bins, split_halves, top_genes
-
-    a, b = split_halves(len(cells), args.seed)
-    a, b = a[: args.gen_cells], b[: args.gen_cells]
+def cell_models(masked, latent, collator, args) -> tuple[MaskedCellModel, LatentCellModel]:
+    """Both families behind the evaluation's ``CellModel`` interface (``ddsc.eval.cell_models``)."""
     settings = SamplerSettings(steps=args.masked_steps, seed=args.seed)
-    start = time.perf_counter()
-    masked_cells = generate_bins(masked.model, cells, b, masked.tokens, settings, diffusion_cfg=masked.diffusion)
-    masked_s = time.perf_counter() - start
-    start = time.perf_counter()
-    latent_cells = latent_panel_cells(latent, cells, b, collator, args.latent_steps, args.seed)
-    latent_s = time.perf_counter() - start
+    return (
+        MaskedCellModel(masked.model, masked.tokens, settings, diffusion_cfg=masked.diffusion),
+        LatentCellModel(latent.model, collator, steps=args.latent_steps, seed=args.seed),
+    )
+
+
+def generation_scores(models, cells, train, collator, args) -> dict:
+    """``ddsc evaluate``'s generation section for each family: the same halves, panels, PCA and reference."""
+    from ddsc.eval.generation import generation_eval
+
     zero_bin = collator.binning.zero_fraction > 0
-    columns = top_genes(cells, 1000)
-    real_a, real_b = dense(cells, a, columns, zero_bin), dense(cells, b, columns, zero_bin)
-    fit = dense(train, range(len(train)), columns, zero_bin)
-    pca = PCA.fit(fit, n_components=min(50, len(train) - 1, len(columns)))
-    out = {"reference": generation_metrics(real_a, real_b, pca, seed=args.seed)}
-    for family, generated in (("masked", masked_cells), ("latent", latent_cells)):
-        out[family] = generation_metrics(real_a, dense(generated, range(len(b)), columns, zero_bin), pca, args.seed)
-    out["setup"] = {"real_a": len(a), "generated": len(b), "genes": len(columns), "pca_fit_cells": len(train)}
-    out["wall_s"] = {"masked": masked_s, "latent": latent_s}
+    out, wall = {}, {}
+    for family, cell_model in zip(("masked", "latent"), models, strict=True):
+        start = time.perf_counter()
+        metrics, _ = generation_eval(cell_model, cells, train, args.gen_cells, 1000, zero_bin)
+        wall[family] = time.perf_counter() - start
+        out[family], out["reference"] = metrics["generated"], metrics["reference"]
+        out["setup"] = {k: metrics[k] for k in ("num_real", "num_generated", "num_genes", "pca_fit_cells")}
+    out["wall_s"] = wall
     return out
 
 
-def masked_ce(masked, cells, train, args) -> dict:
+def imputation_scores(masked, latent, cells, train, collator, args) -> dict:
+    """Masked-bin CE (masked family vs the gene marginal) and imputed-count Pearson of both families and the
+    count baselines, on ``ddsc evaluate``'s fixed masks."""
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
-    from ddsc.eval.baselines import GeneMarginalBaseline
+    from ddsc.eval.baselines import KNNBaseline
+    from ddsc.eval.bootstrap import resample_weights
+    from ddsc.eval.counts import KNNMeanCounts
     from ddsc.eval.masked import masked_prediction
 
     diffusion = MaskedDiffusion(masked.diffusion, masked.config.num_bins)
-    marginal = GeneMarginalBaseline.fit(train.pairs(), masked.config.num_bins)
+    knn = KNNBaseline.fit(train.pairs(), masked.config.num_bins)
+    knn_counts = KNNMeanCounts.fit(knn, train)
+    imputers = {"gene_mean": knn_counts.gene_mean.predict, "knn_mean": knn_counts.predict}
     batches = length_batches(cells, range(len(cells)), 64)
-    results = masked_prediction(masked.model, diffusion, cells, batches, {"marginal": marginal.predict}, (0.15, 0.5))
-    return {rate: {name: s.summary()["masked_ce"] for name, s in by.items()} for rate, by in results.bins.items()}
-
-
-@torch.no_grad()
-def nb_nll(latent, cells: EvalCells) -> dict:
-    """NB NLL per gene of the eval cells' counts: decoding the posterior mean, and the prior mean z = 0."""
-    from ddsc.latent.vae import log_library
-
-    sums, n = {"posterior_mean": 0.0, "prior_mean": 0.0}, 0
-    for start in range(0, len(cells), 64):
-        rows = range(start, min(start + 64, len(cells)))
-        genes, counts, valid = pad_cells([cells.genes[i] for i in rows], [cells.counts[i] for i in rows])
-        layout = cell_layout(genes, valid, counts)
-        gene_ids, counts, real = layout["gene_ids"], layout["counts"], layout["real"]
-        mean = latent.model.encode(gene_ids, counts, layout["attention_mask"])
-        for name, z in (("posterior_mean", mean), ("prior_mean", torch.zeros_like(mean))):
-            params = latent.model.decode(z, gene_ids, log_library(counts, real))
-            sums[name] -= float(torch.where(real, params.log_prob(counts), 0.0).sum())
-        n += int(real.sum())
-    return {name: s / n for name, s in sums.items()}
+    rates = (0.15, 0.5)
+    results = masked_prediction(
+        masked.model,
+        diffusion,
+        cells,
+        batches,
+        {"marginal": knn.marginal.predict},
+        rates,
+        binning=collator.binning,
+        count_imputers=imputers,
+    )
+    latent_counts = latent_imputation(latent.model, cells, batches, rates, args.seed)
+    weights = resample_weights(len(cells), seed=args.seed)
+    out = {}
+    for rate in results.bins:
+        count = {name: s.summary(weights)["pearson_log1p"] for name, s in results.counts[rate].items()}
+        out[rate] = {
+            "masked_ce": {name: s.summary()["masked_ce"] for name, s in results.bins[rate].items()},
+            "count_pearson": {
+                "masked": count["model"],
+                "latent": latent_counts[rate].summary(weights)["pearson_log1p"],
+                "best_baseline": max(count[name] for name in imputers),
+            },
+        }
+    return out
 
 
 def embedding_scores(masked, latent, samples, args) -> dict:
@@ -132,37 +108,8 @@ def embedding_scores(masked, latent, samples, args) -> dict:
     return out
 
 
-def _log_mean(latent, line: str, drug: str, dose: str, noise: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
-    """Mean over the noise draws of the decoded log means of ``genes`` under the labels (library 1: it cancels in
-    a delta, log mu being linear in log L)."""
-    cond = latent.encode({"cell_line_id": [line], "drug": [drug], "dose": [dose]}, len(noise))
-    z = latent.model.sample_latents(noise, cond)
-    return latent.model.decode(z, genes, torch.zeros(len(noise))).log_mu.double().mean(0)
-
-
-@torch.no_grad()
-def latent_drug_effects(latent, truth, samples, draws: int = 16, seed: int = 0) -> dict:
-    """Decoded log-mean deltas (drug minus control labels, the same flow noise) against the true log-rate effects."""
-    model, labels = latent.model, latent.labels.labels
-    genes = torch.from_numpy(truth.gene_ids)[None].expand(draws, -1)
-    scores = []
-    for li, line in enumerate(truth.cell_lines):
-        control_doses = [str(s.get("dose", "")) for s in samples if s["cell_line_id"] == line and s["drug"] == CONTROL]
-        if line not in labels["cell_line_id"] or not control_doses:
-            continue
-        noise = torch.randn((draws, *model.latent_shape), generator=torch.Generator().manual_seed(seed + li))
-
-        control = _log_mean(latent, line, CONTROL, max(set(control_doses), key=control_doses.count), noise, genes)
-        for di, drug in enumerate(truth.drugs):
-            for ci, dose in enumerate(truth.doses):
-                if drug == CONTROL or drug not in labels["drug"] or dose not in labels.get("dose", []):
-                    continue
-                delta = (_log_mean(latent, line, drug, dose, noise, genes) - control).numpy()
-                scores.append(pearson(delta, truth.effect[li, di, ci]))
-    return {"num_groups": len(scores), "mean_delta_pearson": float(np.nanmean(scores)) if scores else float("nan")}
-
-
-def drug_effect_scores(masked, latent, collator, samples, mds: Path, args) -> dict:
+def drug_effect_scores(models, collator, samples, mds: Path, args) -> dict:
+    """``ddsc evaluate``'s known-effect recovery for each family: the same panels, labels and real reference."""
     from ddsc.eval.drug_effects import DrugEffects, find_ground_truth
     from ddsc.eval.ground_truth import ground_truth_eval
 
@@ -170,24 +117,16 @@ def drug_effect_scores(masked, latent, collator, samples, mds: Path, args) -> di
     if folder is None:
         return {"skipped": "no demo ground truth beside the data"}
     truth = DrugEffects.load(folder)
-    settings = SamplerSettings(steps=args.masked_steps, seed=args.seed)
-    known = ground_truth_eval(
-        masked.model,
-        collator,
-        samples,
-        truth,
-        settings,
-        max_control_cells=args.truth_cells,
-        sampled_control_cells=0,
-        diffusion_cfg=masked.diffusion,
-    )
-    masked_metrics = known[0] if known is not None else {}
-    return {
-        "reference": masked_metrics.get("reference", {}).get("mean_delta_pearson", float("nan")),
-        "masked": masked_metrics.get("expected", {}).get("mean_delta_pearson", float("nan")),
-        "latent": latent_drug_effects(latent, truth, samples, seed=args.seed)["mean_delta_pearson"],
-        "units": "masked: expected-bin deltas; latent: decoded log-mean deltas; reference: real mean-bin deltas",
-    }
+    out = {}
+    for family, cell_model in zip(("masked", "latent"), models, strict=True):
+        known = ground_truth_eval(
+            cell_model, collator, samples, truth, max_control_cells=args.truth_cells, sampled_control_cells=0
+        )
+        metrics = known[0] if known is not None else {}
+        out[family] = metrics.get("expected", {}).get("mean_delta_pearson", float("nan"))
+        out["reference"] = metrics.get("reference", {}).get("mean_delta_pearson", float("nan"))
+    out["units"] = "masked: expected-bin deltas; latent: decoded log-mean deltas; reference: real mean-bin deltas"
+    return out
 
 
 def score_dataset(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: Callable[[str], None]) -> dict:
@@ -220,15 +159,16 @@ def _score(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: 
         },
         "eval_cells": len(cells),
     }
+    models = cell_models(masked, latent, collator, args)
     stage(f"{name}: generation ({args.gen_cells} cells per family on held-out panels)")
-    out["generation"] = generation_scores(masked, latent, cells, train, collator, args)
-    stage(f"{name}: masked-bin CE and NB NLL")
-    out["masked_ce"] = masked_ce(masked, cells, train, args)
-    out["nb_nll"] = nb_nll(latent, cells)
+    out["generation"] = generation_scores(models, cells, train, collator, args)
+    stage(f"{name}: masked-bin CE, imputed counts and NB NLL")
+    out["imputation"] = imputation_scores(masked, latent, cells, train, collator, args)
+    out["nb_nll"] = reconstruction(latent.model, cells)["nb_nll_per_gene"]
     stage(f"{name}: embeddings ({min(args.embed_cells, len(samples))} cells)")
     out["embedding"] = embedding_scores(masked, latent, samples, args)
     stage(f"{name}: known drug effects")
-    out["drug_effects"] = drug_effect_scores(masked, latent, collator, samples, mds, args)
+    out["drug_effects"] = drug_effect_scores(models, collator, samples, mds, args)
     return out
 
 
@@ -254,8 +194,11 @@ def print_table(name: str, result: dict, args) -> None:
         for key in ("knn_accuracy", "ari"):
             label = f"embed {column} {key} (ref: PCA-50)"
             rows.append((label, e[column]["pca50_log1p"][key], e[column]["masked"][key], e[column]["latent"][key]))
-    for rate, by in s["masked_ce"].items():
-        rows.append((f"masked-bin CE @ {rate} (ref: marginal)", by["marginal"], by["model"], None))
+    for rate, by in s["imputation"].items():
+        ce, count = by["masked_ce"], by["count_pearson"]
+        rows.append((f"masked-bin CE @ {rate} (ref: marginal)", ce["marginal"], ce["model"], None))
+        label = f"imputed-count Pearson @ {rate} (ref: best count baseline)"
+        rows.append((label, count["best_baseline"], count["masked"], count["latent"]))
     nll = s["nb_nll"]
     rows.append(("NB NLL / gene (ref: decode z = 0)", nll["prior_mean"], None, nll["posterior_mean"]))
     walls = {k: runs[k]["wall_s"] for k in ("masked", "vae", "latent_dit")}

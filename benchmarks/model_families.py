@@ -5,31 +5,28 @@ For each data set (the demo data as ``make demo`` builds it, 4,000 cells; mouse1
 (yamls/demo_cpu.yaml, ``--batches``) and the latent family (yamls/latent_vae_demo_cpu.yaml for
 ``--vae-batches``, then yamls/latent_dit_demo_cpu.yaml for ``--dit-batches``: the same number of batches of 32
 cells in total by default), exports both with ``ddsc export``, loads them with ``Predictor.from_pretrained``,
-and scores them on the same held-out (valid split) cells with the metric code of ``ddsc evaluate``
-(``ddsc.eval``). One table per data set, and everything as JSON (``--work``/model_families.json).
+and scores them on the same held-out (valid split) cells with the code of ``ddsc evaluate`` (``ddsc.eval``:
+every family behind the same ``CellModel`` interface, ``ddsc.eval.cell_models``), with smaller budgets. One
+table per data set, and everything as JSON (``--work``/model_families.json).
 
-Generation: the representation. Both families are compared in the data's own bin space, the representation
-``ddsc evaluate`` scores the masked model in (``ddsc.eval.generation``: the held-out cells split into halves A
-and B, cells generated on B's gene panels with B's labels, dense vectors ``bin + 1`` over the 1,000 genes most
-often present, 0 where absent, distances in a PCA-50 fitted on train cells, next to the B-vs-A reference).
-Why bins and not counts: the masked model emits per-cell quantile bins, which do not determine counts (the bin
--> count map is the cell's own count distribution, which a de novo cell does not have), while the latent
-model's counts bin exactly as real cells bin (the collator's ``bins_for``), so bin space is the one space both
-reach without inventing anything; real cells are binned by the same code. The masked model is told every panel
-gene is expressed (it generates bins of expressed genes only), so the latent model is told the same: its
-counts are drawn from the decoded NB truncated at zero (``count >= 1``). The library of each latent cell is
-drawn from the training library histogram in the export (``ddsc.inference.latent``). As in ``ddsc evaluate``,
-generated cells share B's panels, so the per-gene zero-fraction correlation reflects the panels only (it is the
-same for B and both families); the per-gene mean correlation, MMD, energy distance and the kNN AUC are not.
+Generation: ``ddsc evaluate``'s generation section for each family (``ddsc.eval.generation``: the held-out
+cells split into halves A and B, cells generated on B's gene panels with B's labels, dense bin vectors over the
+1,000 genes most often present, distances in a PCA-50 fitted on train cells, next to the B-vs-A reference), in
+the data's own bin space. Why bins and not counts: the masked model emits per-cell quantile bins, which do not
+determine counts, while the latent model's counts bin exactly as real cells bin (``ddsc.eval.latent_cells``),
+so bin space is the one space both reach without inventing anything. Generated cells share B's panels, so the
+per-gene zero-fraction correlation reflects the panels only; the per-gene mean correlation, MMD, energy
+distance and the kNN AUC do not.
 
-Also scored on the same cells: masked-bin CE of the masked DiT at mask rates 0.15 and 0.5 (with the per-gene
-marginal baseline); NB NLL per gene of the VAE (decoding the posterior mean; decoding the prior mean z = 0 as
-the no-information reference); embeddings (demo only: mouse10k has no labels) by kNN accuracy and k-means ARI
-per label column (masked: X_ddsc_labels; latent: X_ddsc_latent; and PCA-50 of log1p counts); on the demo,
-the known drug effects (the masked model by ``ddsc.eval.ground_truth``'s expected-bin deltas; the latent
-model by its decoded log-mean deltas, drug minus control labels on the same flow noise, against the true
-log-rate effects: both Pearson over genes, mean over (cell line, drug, dose) groups). Wall times of every
-stage and parameter counts.
+Also scored on the same cells, on ``ddsc evaluate``'s fixed masks at rates 0.15 and 0.5: the masked-bin CE of
+the masked DiT (with the per-gene marginal baseline) and the imputed-count Pearson (log1p) of both families
+next to the best count baseline (per-gene mean, kNN mean); NB NLL per gene of the VAE (decoding the posterior
+mean; decoding the prior mean z = 0 as the no-information reference); embeddings (demo only: mouse10k has no
+labels) by kNN accuracy and k-means ARI per label column (masked: X_ddsc_labels; latent: X_ddsc_latent; and
+PCA-50 of log1p counts); on the demo, the known drug effects by ``ddsc.eval.ground_truth`` for both (masked:
+expected-bin deltas; latent: decoded log-mean deltas over 8 flow draws; against the true log-rate effects,
+Pearson over genes, mean over (cell line, drug, dose) groups, next to the real held-out cells). Wall times of
+every stage and parameter counts.
 
 Example: python benchmarks/model_families.py --work /tmp/ddsc_model_families
 """
