@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ddsc.eval.cell_models import MaskedCellModel
-from ddsc.eval.cells import collate_cells, fresh_collator, length_batches
+from ddsc.eval.cells import collate_cells, fresh_collator
 from ddsc.eval.latent_cells import LatentCellModel, latent_imputation, reconstruction
-from ddsc.eval.settings import SamplerSettings
+from ddsc.eval.settings import EvalSettings, SamplerSettings
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -46,42 +46,41 @@ def generation_scores(models, cells, train, collator, args) -> dict:
     return out
 
 
-def imputation_scores(masked, latent, cells, train, collator, args) -> dict:
-    """Masked-bin CE (masked family vs the gene marginal) and imputed-count Pearson of both families and the
-    count baselines, on ``ddsc evaluate``'s fixed masks."""
+def imputation_scores(masked, latent, train_samples, samples, args) -> dict:
+    """Masked-bin CE (masked family vs the best bin baseline) and imputed-count Pearson (log1p) of both families
+    and the best count baseline (``ddsc evaluate``'s: every bin baseline's implied count, the gene mean, the kNN
+    mean), on ``ddsc evaluate``'s fixed masks and cells (``prepare``)."""
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
-    from ddsc.eval.baselines import KNNBaseline
     from ddsc.eval.bootstrap import resample_weights
-    from ddsc.eval.counts import KNNMeanCounts
+    from ddsc.eval.evaluate import prepare
     from ddsc.eval.masked import masked_prediction
 
+    run = prepare(masked.collator, train_samples, samples, EvalSettings(seed=args.seed))
     diffusion = MaskedDiffusion(masked.diffusion, masked.config.num_bins)
-    knn = KNNBaseline.fit(train.pairs(), masked.config.num_bins)
-    knn_counts = KNNMeanCounts.fit(knn, train)
-    imputers = {"gene_mean": knn_counts.gene_mean.predict, "knn_mean": knn_counts.predict}
-    batches = length_batches(cells, range(len(cells)), 64)
     rates = (0.15, 0.5)
     results = masked_prediction(
         masked.model,
         diffusion,
-        cells,
-        batches,
-        {"marginal": knn.marginal.predict},
+        run.cells,
+        run.batches,
+        run.baselines,
         rates,
-        binning=collator.binning,
-        count_imputers=imputers,
+        args.seed,
+        binning=run.collator.binning,
+        count_imputers=run.imputers,
     )
-    latent_counts = latent_imputation(latent.model, cells, batches, rates, args.seed)
-    weights = resample_weights(len(cells), seed=args.seed)
+    latent_counts = latent_imputation(latent.model, run.cells, run.batches, rates, args.seed)
+    weights = resample_weights(len(run.cells), seed=args.seed)
     out = {}
     for rate in results.bins:
+        ce = {name: s.summary()["masked_ce"] for name, s in results.bins[rate].items()}
         count = {name: s.summary(weights)["pearson_log1p"] for name, s in results.counts[rate].items()}
         out[rate] = {
-            "masked_ce": {name: s.summary()["masked_ce"] for name, s in results.bins[rate].items()},
+            "masked_ce": {"model": ce.pop("model"), "best_baseline": min(ce.values())},
             "count_pearson": {
-                "masked": count["model"],
+                "masked": count.pop("model"),
                 "latent": latent_counts[rate].summary(weights)["pearson_log1p"],
-                "best_baseline": max(count[name] for name in imputers),
+                "best_baseline": max(count.values()),
             },
         }
     return out
@@ -163,7 +162,7 @@ def _score(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: 
     stage(f"{name}: generation ({args.gen_cells} cells per family on held-out panels)")
     out["generation"] = generation_scores(models, cells, train, collator, args)
     stage(f"{name}: masked-bin CE, imputed counts and NB NLL")
-    out["imputation"] = imputation_scores(masked, latent, cells, train, collator, args)
+    out["imputation"] = imputation_scores(masked, latent, train_samples, samples, args)
     out["nb_nll"] = reconstruction(latent.model, cells)["nb_nll_per_gene"]
     stage(f"{name}: embeddings ({min(args.embed_cells, len(samples))} cells)")
     out["embedding"] = embedding_scores(masked, latent, samples, args)
@@ -196,7 +195,7 @@ def print_table(name: str, result: dict, args) -> None:
             rows.append((label, e[column]["pca50_log1p"][key], e[column]["masked"][key], e[column]["latent"][key]))
     for rate, by in s["imputation"].items():
         ce, count = by["masked_ce"], by["count_pearson"]
-        rows.append((f"masked-bin CE @ {rate} (ref: marginal)", ce["marginal"], ce["model"], None))
+        rows.append((f"masked-bin CE @ {rate} (ref: best bin baseline)", ce["best_baseline"], ce["model"], None))
         label = f"imputed-count Pearson @ {rate} (ref: best count baseline)"
         rows.append((label, count["best_baseline"], count["masked"], count["latent"]))
     nll = s["nb_nll"]

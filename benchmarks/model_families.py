@@ -19,12 +19,12 @@ per-gene zero-fraction correlation reflects the panels only; the per-gene mean c
 distance and the kNN AUC do not.
 
 Also scored on the same cells, on ``ddsc evaluate``'s fixed masks at rates 0.15 and 0.5: the masked-bin CE of
-the masked DiT (with the per-gene marginal baseline) and the imputed-count Pearson (log1p) of both families
-next to the best count baseline (per-gene mean, kNN mean); NB NLL per gene of the VAE (decoding the posterior
+the masked DiT (next to the best of ``ddsc evaluate``'s bin baselines) and the imputed-count Pearson (log1p)
+of both families next to the best count baseline (every bin baseline's implied count, per-gene mean, kNN mean); NB NLL per gene of the VAE (decoding the posterior
 mean; decoding the prior mean z = 0 as the no-information reference); embeddings (demo only: mouse10k has no
 labels) by kNN accuracy and k-means ARI per label column (masked: X_ddsc_labels; latent: X_ddsc_latent; and
 PCA-50 of log1p counts); on the demo, the known drug effects by ``ddsc.eval.ground_truth`` for both (masked:
-expected-bin deltas; latent: decoded log-mean deltas over 8 flow draws; against the true log-rate effects,
+expected-bin deltas; latent: decoded log-mean deltas over 32 flow draws; against the true log-rate effects,
 Pearson over genes, mean over (cell line, drug, dose) groups, next to the real held-out cells). Wall times of
 every stage and parameter counts.
 

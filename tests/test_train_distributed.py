@@ -78,3 +78,66 @@ def test_fsdp2_sharded_checkpoint_and_autoresume(tmp_path):
         assert torch.equal(tensor, actual[name]), name
     first = consolidated(run / "ep0-ba4", tmp_path / "c.pt")
     assert not all(torch.equal(first[k], expected[k]) for k in expected)  # batches 5-8 did change the weights
+
+
+@pytest.mark.slow
+def test_latent_family_under_fsdp2_shards_resumes_and_exports(tmp_path):
+    """Both latent stages on 2 FSDP2 ranks: sharded checkpoints of each, the DiT stage resumes from one
+    identically, and the export of its sharded checkpoint holds exactly the VAE stage's last weights and the
+    DiT's."""
+    from ddsc.inference import Predictor
+    from ddsc.train.export import export_checkpoint
+
+    write_mds(tmp_path / "mds", n_train=64, n_valid=8)
+    common = [
+        f"data.streams.demo.remote={tmp_path / 'mds'}",
+        "data.max_length=16",
+        "data.num_workers=0",
+        "model.gene_vocab_size=200",
+        "model.conditions=[{name: cell_line_id}, {name: drug}]",
+        "parallelism.strategy=fsdp",
+        "trainer.max_duration=8ba",
+        "trainer.global_train_batch_size=8",
+        "trainer.device_train_microbatch_size=4",
+        "trainer.device_eval_batch_size=8",
+        "trainer.eval_interval=8ba",
+        "trainer.save_interval=4ba",
+        "trainer.progress_bar=false",
+        "trainer.log_to_console=false",
+    ]
+    vae, dit = tmp_path / "vae", tmp_path / "dit"
+    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
+    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29733, *common, *small_vae, f"trainer.save_folder={vae}")
+    assert sorted(p.name for p in (vae / "ep0-ba8").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    dit_args = [*common, f"latent_dit.vae={vae}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
+    dit_yaml = ROOT / "yamls" / "latent_dit_demo_cpu.yaml"
+    torchrun(dit_yaml, 29734, *dit_args, f"trainer.save_folder={dit}")
+
+    resumed = tmp_path / "resumed"  # the job died after the batch-4 checkpoint
+    shutil.copytree(dit, resumed, symlinks=True)
+    shutil.rmtree(resumed / "ep0-ba8")
+    (resumed / "latest-rank0.pt").unlink()
+    (resumed / "latest-rank0.pt").symlink_to("ep0-ba4")
+    torchrun(dit_yaml, 29735, *dit_args, f"trainer.save_folder={resumed}")
+
+    vae_state = consolidated(vae / "ep0-ba8", tmp_path / "v.pt")
+    expected = consolidated(dit / "ep0-ba8", tmp_path / "a.pt")
+    actual = consolidated(resumed / "ep0-ba8", tmp_path / "b.pt")
+    assert expected.keys() == actual.keys() and len(expected) > 10
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+    first = consolidated(dit / "ep0-ba4", tmp_path / "c.pt")
+    trained = [k for k in expected if k.startswith("model.")]
+    assert trained and not all(torch.equal(first[k], expected[k]) for k in trained)
+    export_checkpoint(dit, tmp_path / "hf")
+    loaded = Predictor.from_pretrained(tmp_path / "hf", progress=False)
+    assert loaded.family == "latent"
+    exported = loaded.model.state_dict()
+    vae_weights = {k.removeprefix("model."): v for k, v in vae_state.items()}
+    assert {k.removeprefix("vae.") for k in exported if k.startswith("vae.")} == set(vae_weights)
+    for name, tensor in vae_weights.items():  # the VAE the DiT trained on: the VAE stage's last checkpoint
+        assert torch.equal(exported[f"vae.{name}"], tensor), name
+    for name, tensor in expected.items():  # and the DiT of the sharded checkpoint
+        if name.startswith("model."):
+            assert torch.equal(exported[f"dit.{name.removeprefix('model.')}"], tensor), name
+    assert float(loaded.model.config.latent_std) == pytest.approx(float(expected["latent_std"]))

@@ -7,8 +7,10 @@ family generates in. Without zero genes in the binning (``zero_fraction = 0``) a
 cell expresses, so counts are drawn given ``count >= 1``, as the masked family only draws nonzero bins there.
 
 Expected values (known drug effects). The decoded log mean of every panel gene, averaged over ``draws`` flow
-samples. The draws start from the same seeded noise under every label set (common random numbers) and the
-panel's own library is used throughout, so a delta between two label sets is the labels' effect alone.
+samples. The latents depend on the labels only, so ``draws`` of them are sampled once per distinct label set,
+always from the same seeded noise (common random numbers), and every panel is decoded with those of its labels
+and its own library: a delta between two label sets is the labels' effect alone, and the flow runs once per
+label set, not once per panel.
 
 Imputation (``latent_imputation``). The hidden genes of a cell are taken out of the encoder's input (its
 attention mask) and out of its library; the decoder then gives their NB means. The decoder's rates are shares
@@ -46,7 +48,7 @@ class LatentCellModel:
     steps: int
     guidance_scale: float = 1.0
     seed: int = 0
-    draws: int = 8
+    draws: int = 32
     batch_size: int = 64
     device: torch.device | str = "cpu"
     expected_units = "decoded log NB mean, averaged over flow draws"
@@ -55,9 +57,11 @@ class LatentCellModel:
         return {"sampler": "euler (rectified flow) + NB counts", "steps": self.steps}
 
     def _latents(self, cond: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        noise = initial_noise(len(cond), self.model.latent_shape, generator).to(self.device)
+        return self._sample(initial_noise(len(cond), self.model.latent_shape, generator), cond)
+
+    def _sample(self, noise: torch.Tensor, cond: np.ndarray) -> torch.Tensor:
         cond_t = torch.from_numpy(cond).to(self.device) if cond.shape[1] else None
-        return self.model.sample_latents(noise, cond_t, self.steps, self.guidance_scale)
+        return self.model.sample_latents(noise.to(self.device), cond_t, self.steps, self.guidance_scale)
 
     def _panel_batch(self, panels: EvalCells, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         gene_ids, _, real = pad_cells([panels.genes[i] for i in rows], [panels.bins[i] for i in rows])
@@ -83,19 +87,26 @@ class LatentCellModel:
 
     @torch.no_grad()
     def expected(self, panels: EvalCells, cond: np.ndarray) -> list[np.ndarray]:
+        # The latents depend on the labels alone: ``draws`` of them per distinct label row, from the same noise
+        # for every row and every call, then every panel decoded with those of its labels.
+        rows, owner = np.unique(cond, axis=0, return_inverse=True)
+        noise = initial_noise(self.draws, self.model.latent_shape, torch.Generator().manual_seed(self.seed))
+        z = torch.cat(
+            [self._sample(noise, np.repeat(rows[k : k + 1], self.draws, axis=0)) for k in range(len(rows))]
+        ).reshape(len(rows), self.draws, *self.model.latent_shape)
         out: list[np.ndarray] = [np.zeros(0)] * len(panels)
         per_batch = max(1, self.batch_size // self.draws)
         for start in range(0, len(panels), per_batch):
-            rows = list(range(start, min(start + per_batch, len(panels))))
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + start)  # the same under every cond
-            gene_ids, real = self._panel_batch(panels, rows)
-            library = log_library(self._panel_counts(panels, rows, real.shape[1]), real).to(self.device)
-            z = self._latents(np.repeat(cond[rows], self.draws, axis=0), generator)
+            batch = list(range(start, min(start + per_batch, len(panels))))
+            gene_ids, real = self._panel_batch(panels, batch)
+            library = log_library(self._panel_counts(panels, batch, real.shape[1]), real).to(self.device)
             params = self.model.decode(
-                z, gene_ids.repeat_interleave(self.draws, 0), library.repeat_interleave(self.draws)
+                z[owner.reshape(-1)[batch]].flatten(0, 1),
+                gene_ids.repeat_interleave(self.draws, 0),
+                library.repeat_interleave(self.draws),
             )
-            mean = params.log_mu.double().reshape(len(rows), self.draws, -1).mean(1).cpu().numpy()
-            for r, j in enumerate(rows):
+            mean = params.log_mu.double().reshape(len(batch), self.draws, -1).mean(1).cpu().numpy()
+            for r, j in enumerate(batch):
                 out[j] = mean[r, : len(panels.genes[j])]
         return out
 
