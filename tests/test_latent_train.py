@@ -120,7 +120,6 @@ def test_run_config_family_switch_is_strict():
         (["family=latent"], "family"),
         (["latent_vae.n_latent=3"], "did you mean 'n_latents'"),
         (["latent_dit.vae="], "latent_dit.vae"),
-        (["parallelism.engine=deepspeed"], "composer engine only"),
         (["trainer.preview_interval=10ba"], "preview_interval"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -200,6 +199,7 @@ def test_both_stages_train_with_the_composer_engine(tmp_path):
         f"latent_dit.vae={tmp_path / 'latent-vae-demo'}",
         "latent_dit.d_model=32",
         "latent_dit.n_layers=1",
+        "trainer.hf_export_interval=4ba",
     ]
     dit_config = load_config(RunConfig, ROOT / "yamls" / "latent_dit_demo_cpu.yaml", dit_args)
     check_data(dit_config)
@@ -210,6 +210,16 @@ def test_both_stages_train_with_the_composer_engine(tmp_path):
     assert resolved.latent_vae == saved.latent_vae and resolved.family == "latent_dit"
     state = torch.load(tmp_path / "latent-dit-demo" / "latest-rank0.pt", map_location="cpu", weights_only=False)
     assert float(state["state"]["model"]["latent_std"]) > 0  # the latent scale is kept in the checkpoint
+    # the periodic export of the live model is the folder `ddsc export` writes from the checkpoint
+    from ddsc.latent.hf import DDSCLatentModel
+
+    export_checkpoint(tmp_path / "latent-dit-demo", tmp_path / "exported")
+    periodic = DDSCLatentModel.from_pretrained(tmp_path / "latent-dit-demo" / "hf" / "ba4")
+    exported = DDSCLatentModel.from_pretrained(tmp_path / "exported")
+    differing = [k for k, v in periodic.config.to_dict().items() if exported.config.to_dict()[k] != v]
+    assert differing == ["_name_or_path"]
+    want = exported.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in periodic.state_dict().items()) and len(want) > 20
 
 
 def test_both_stages_run_with_bf16_parameters():

@@ -137,3 +137,55 @@ def test_deepspeed_config_and_early_errors(tiny):
         deepspeed_config(
             load_config(RunConfig, tiny, ["trainer.device_train_microbatch_size=3"]), 1, DeepSpeedPrecision()
         )
+
+
+@pytest.mark.slow
+def test_latent_family_under_zero2_resumes_and_exports(tmp_path):
+    """Both latent stages on 2 ZeRO-2 ranks with DeepSpeed's bf16 section: the DiT stage resumes identically, and
+    the export holds the DiT and exactly the VAE weights it trained against: DeepSpeed holds every parameter of
+    the module in bf16, the frozen VAE's too, so those are the VAE run's weights rounded to bf16."""
+    write_mds(tmp_path / "mds", n_train=64, n_valid=8)
+    common = [
+        f"data.streams.demo.remote={tmp_path / 'mds'}",
+        "data.max_length=16",
+        "data.num_workers=0",
+        "model.gene_vocab_size=200",
+        "model.conditions=[{name: cell_line_id}, {name: drug}]",
+        *DEEPSPEED,
+        "parallelism.zero_stage=2",
+        "trainer.precision=amp_bf16",
+        "trainer.global_train_batch_size=8",
+        "trainer.device_train_microbatch_size=4",
+        "trainer.device_eval_batch_size=8",
+        "trainer.save_interval=4ba",
+        "trainer.progress_bar=false",
+    ]
+    vae, dit = tmp_path / "vae", tmp_path / "dit"
+    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
+    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29745, *common, *small_vae, f"trainer.save_folder={vae}")
+    dit_args = [*common, f"latent_dit.vae={vae}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
+    dit_yaml = ROOT / "yamls" / "latent_dit_demo_cpu.yaml"
+    torchrun(dit_yaml, 29746, *dit_args, f"trainer.save_folder={dit}")
+    resumed = tmp_path / "resumed"  # the job died after the batch-4 checkpoint
+    shutil.copytree(dit, resumed)
+    shutil.rmtree(resumed / "ba8")
+    (resumed / "latest").write_text("ba4")
+    again = torchrun(dit_yaml, 29747, *dit_args, f"trainer.save_folder={resumed}")
+    assert f"resumed from {resumed / 'ba4'}" in again.stdout
+
+    final = read_model_state(dit)
+    assert _equal(final, read_model_state(resumed))
+    trained = [k for k in final if k.startswith("model.")]
+    assert trained and not _equal(
+        {k: final[k] for k in trained}, {k: read_model_state(dit / "ba4")[k] for k in trained}
+    )
+    vae_run = read_model_state(vae)
+    assert cli_main(["export", "--checkpoint", str(dit), "--out", str(tmp_path / "hf")]) == 0
+    from ddsc.inference import Predictor
+
+    exported = Predictor.from_pretrained(tmp_path / "hf", progress=False).model.state_dict()
+    assert {k.removeprefix("vae.") for k in exported if k.startswith("vae.")} == set(vae_run)
+    for name, tensor in vae_run.items():
+        assert torch.equal(exported[f"vae.{name}"], tensor.bfloat16().float()), name
+    for name in trained:
+        assert torch.equal(exported[f"dit.{name.removeprefix('model.')}"], final[name]), name

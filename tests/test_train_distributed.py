@@ -83,8 +83,8 @@ def test_fsdp2_sharded_checkpoint_and_autoresume(tmp_path):
 @pytest.mark.slow
 def test_latent_family_under_fsdp2_shards_resumes_and_exports(tmp_path):
     """Both latent stages on 2 FSDP2 ranks: sharded checkpoints of each, the DiT stage resumes from one
-    identically, and the export of its sharded checkpoint holds exactly the VAE stage's last weights and the
-    DiT's."""
+    identically, the export of its sharded checkpoint holds exactly the VAE stage's last weights and the DiT's,
+    and the periodic export gathered from the live shards is that same model."""
     from ddsc.inference import Predictor
     from ddsc.train.export import export_checkpoint
 
@@ -110,6 +110,7 @@ def test_latent_family_under_fsdp2_shards_resumes_and_exports(tmp_path):
     torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29733, *common, *small_vae, f"trainer.save_folder={vae}")
     assert sorted(p.name for p in (vae / "ep0-ba8").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     dit_args = [*common, f"latent_dit.vae={vae}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
+    dit_args.append("trainer.hf_export_interval=8ba")  # gathered from the shards by every rank, written by rank 0
     dit_yaml = ROOT / "yamls" / "latent_dit_demo_cpu.yaml"
     torchrun(dit_yaml, 29734, *dit_args, f"trainer.save_folder={dit}")
 
@@ -141,3 +142,7 @@ def test_latent_family_under_fsdp2_shards_resumes_and_exports(tmp_path):
         if name.startswith("model."):
             assert torch.equal(exported[f"dit.{name.removeprefix('model.')}"], tensor), name
     assert float(loaded.model.config.latent_std) == pytest.approx(float(expected["latent_std"]))
+    periodic = Predictor.from_pretrained(dit / "hf" / "ba8", progress=False).model.state_dict()
+    assert periodic.keys() == exported.keys()
+    for name, tensor in periodic.items():
+        assert torch.equal(tensor, exported[name]), name

@@ -137,10 +137,12 @@ class RunConfig:
 
     def _check_latent(self) -> None:
         """What the latent family does not support yet stops the run here, naming the key."""
-        if self.parallelism.engine == "deepspeed":
-            raise ConfigError(f"parallelism.engine: family {self.family} runs on the composer engine only (for now)")
-        for key in ("preview_interval", "hf_export_interval"):
-            if getattr(self.trainer, key):
-                raise ConfigError(f"trainer.{key}: not available for family {self.family} yet (set it to null)")
+        if self.trainer.preview_interval:
+            raise ConfigError(f"trainer.preview_interval: not available for family {self.family} yet (set it to null)")
+        if self.trainer.hf_export_interval and self.family == "latent_vae":
+            raise ConfigError(
+                "trainer.hf_export_interval: a latent_vae run has no model folder of its own (the latent_dit run's "
+                "export holds the VAE); set it to null"
+            )
         if self.family == "latent_dit" and not self.latent_dit.vae:
             raise ConfigError("latent_dit.vae: family latent_dit needs the VAE run (its save folder or checkpoint)")

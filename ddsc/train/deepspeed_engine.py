@@ -1,6 +1,6 @@
 """The DeepSpeed engine (``parallelism.engine: deepspeed``): ZeRO stage 0-3, optional CPU offload.
 
-It drives the same objects as the Composer engine (``DDSCComposerModel`` with its diffusion loss and metrics,
+It drives the same objects as the Composer engine (the family's ``ComposerModel``, with its loss and metrics,
 the streaming loaders and collator, the optimizer builder, the resolved ``config.yaml``) with its own loop:
 
     for each global batch:   seed torch from (seed, rank, batch)           (as the SeedEachBatch callback)
@@ -159,8 +159,7 @@ class DeepSpeedRun:
         import deepspeed
         from composer.utils import reproducibility
 
-        from ddsc.train.builders import build_optimizer, resolve_device
-        from ddsc.train.composer_model import DDSCComposerModel
+        from ddsc.train.builders import build_composer_model, build_optimizer, resolve_device
         from ddsc.train.run_folder import resolve_save_folder
 
         trainer = config.trainer
@@ -183,7 +182,7 @@ class DeepSpeedRun:
 
         self.train_loader, self.eval_loader = build_loaders(run, self.world_size)
         reproducibility.seed_all(trainer.seed)  # same initial weights as the Composer engine, on every rank
-        model = DDSCComposerModel(config.model, config.diffusion, precision.autocast_dtype)
+        model = build_composer_model(config, precision.autocast_dtype)
         if config.parallelism.compile:
             model.model.compile_blocks()
         optimizer = build_optimizer(config.optimizer, model, self.device)
@@ -196,7 +195,7 @@ class DeepSpeedRun:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
-        self.model: DDSCComposerModel = self.engine.module
+        self.model = self.engine.module
         for metric in [*self.model.train_metrics.values(), *self.model.val_metrics.values()]:
             metric.to(self.engine.device)  # their all-reduce runs on the process group's device (NCCL: CUDA)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -296,7 +295,7 @@ class DeepSpeedRun:
                 if self.progress.batch >= self.max_batches:
                     break
                 yielded += 1
-                flops = self.model.flops_per_batch(batch)
+                flops = self.model.flops_per_batch(batch) if hasattr(self.model, "flops_per_batch") else None
                 step = self.train_batch(self._to_device(batch))
                 metrics.update(step)
                 step[f"lr-{self.optimizer_name}/group0"] = self.scheduler.get_last_lr()[0]

@@ -16,9 +16,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from ddsc.latent.export import write_latent_folder
 from ddsc.model.export import hf_config_from_run, write_hf_folder
 from ddsc.model.hf import DDSCModel
 from ddsc.train.checkpoints import strip_wrappers
+from ddsc.train.latent_export import latent_model_from_state
 from ddsc.train.run import ResolvedRun
 
 
@@ -45,18 +47,27 @@ class HFExport(Callback):
             self._export(state)
 
     def _export(self, state: State) -> None:
-        """Every rank joins the gather (FSDP); rank 0 writes the folder."""
+        """Every rank joins the gather (FSDP); rank 0 writes the folder. The masked family exports its DiT; a
+        latent DiT run its whole wrapper (DiT, frozen VAE, latent scale, library histogram), as ``ddsc export``
+        reads it from a checkpoint."""
         model = state.model.module if hasattr(state.model, "module") else state.model
+        latent = self.run.config.family == "latent_dit"
+        part = model if latent else model.model
         if dist.is_initialized():
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(model.model, options=options)
+            weights = get_model_state_dict(part, options=options)
         else:
-            weights = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+            weights = {k: v.detach().cpu() for k, v in part.state_dict().items()}
         if dist.get_global_rank() != 0:
             return
-        hf_model = DDSCModel(hf_config_from_run(self.run.config))
-        hf_model.dit.load_state_dict({k: v.float() for k, v in strip_wrappers(weights).items()})
         out = self.folder / f"ba{int(state.timestamp.batch)}"
+        weights = strip_wrappers(weights)
         with torch.no_grad():
-            write_hf_folder(hf_model, out, self.run.vocab, self.run.labels, self.run.config)
+            if latent:
+                hf_latent = latent_model_from_state(self.run.config, weights, f"hf export at {out.name}")
+                write_latent_folder(hf_latent, out, self.run.vocab, self.run.labels, self.run.config)
+            else:
+                hf_model = DDSCModel(hf_config_from_run(self.run.config))
+                hf_model.dit.load_state_dict({k: v.float() for k, v in weights.items()})
+                write_hf_folder(hf_model, out, self.run.vocab, self.run.labels, self.run.config)
         self.exported.append(out)

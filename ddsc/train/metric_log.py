@@ -70,9 +70,12 @@ class MetricLog:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             self.console(f"[batch={batch}/{self.max_batches}] {shown}")
 
-    def batch(self, batch: int, values: dict[str, float], attention_mask: torch.Tensor, device_flops: float) -> None:
-        """Log one training batch's metrics with the throughput and MFU of the window ending here."""
-        flops = torch.tensor(device_flops, dtype=torch.float64, device=self.device)
+    def batch(
+        self, batch: int, values: dict[str, float], attention_mask: torch.Tensor, device_flops: float | None
+    ) -> None:
+        """Log one training batch's metrics with the throughput and MFU of the window ending here (no FLOPs and
+        MFU for a model without a FLOPs count, ``device_flops`` None, as Composer's speed monitor does)."""
+        flops = torch.tensor(device_flops or 0.0, dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flops)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -89,12 +92,13 @@ class MetricLog:
                     "throughput/batches_per_sec": rates["batches"],
                     "throughput/samples_per_sec": rates["samples"],
                     "throughput/device/samples_per_sec": rates["samples"] / world,
-                    "throughput/device/flops_per_sec": rates["flops"] / world,
                     "throughput/device/real_tokens_per_sec": rates["real_tokens"],
                     "throughput/device/padded_tokens_per_sec": rates["padded_tokens"],
                 }
             )
-            if self.peak_flops:
+            if device_flops is not None:
+                values["throughput/device/flops_per_sec"] = rates["flops"] / world
+            if self.peak_flops and device_flops is not None:
                 values["throughput/device/mfu"] = rates["flops"] / world / self.peak_flops
         if self.device.type == "cuda":  # as Composer's MemoryMonitor: gigabytes
             values["memory/peak_allocated_mem"] = torch.cuda.max_memory_allocated(self.device) / 1e9
