@@ -109,6 +109,26 @@ def test_molecule_null_and_dropout_paths():
     assert encoder.mlp[0].weight.grad.abs().sum() > 0 and encoder.states.weight.grad[NULL].abs().sum() > 0
 
 
+def test_fingerprint_bit_dropout_masks_bits_in_training_only():
+    spec = ConditionConfig("smiles", kind="molecule", dropout=0.0, bit_dropout=0.5)
+    cond = torch.from_numpy(encode_conditions([spec], {"smiles": [ASPIRIN] * 64}, 64))
+    encoder = tiny_dit(spec).cond_embeddings[0]
+    bits = cond[:, 1:].float()
+    encoder.train()
+    torch.manual_seed(0)
+    kept = encoder.features(bits)
+    on = bits > 0
+    assert set(kept[on].unique().tolist()) == {0.0, 2.0} and (kept[~on] == 0).all()  # dropped, or scaled by 1/(1-p)
+    assert abs(float((kept[on] == 0).float().mean()) - 0.5) < 0.05
+    assert not torch.equal(kept[0], kept[1])  # a fresh mask per cell
+    encoder.eval()
+    torch.testing.assert_close(encoder.features(bits), bits)
+    drop = torch.zeros(64, dtype=torch.bool)
+    torch.testing.assert_close(encoder(cond, drop), tiny_dit(spec).cond_embeddings[0].eval()(cond, drop))
+    with pytest.raises(ValueError, match="bit_dropout"):
+        ConditionConfig("smiles", kind="molecule", bit_dropout=1.0)
+
+
 def test_scalar_condition_for_an_unseen_dose_is_smooth_and_distinct():
     dit = tiny_dit(DOSE).eval()
     gene_ids = torch.randint(3, N_VOCAB, (1, 6)).expand(5, -1)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddsc.data.chemistry import morgan_fingerprint
@@ -167,6 +168,11 @@ class MoleculeEncoder(FeatureEncoder):
 
     def __init__(self, spec: ConditionConfig, d_model: int):
         super().__init__(spec.fingerprint_bits, d_model, states=2)
+        self.bit_dropout = spec.bit_dropout
+
+    def features(self, values: Tensor) -> Tensor:
+        """The bits, with ``bit_dropout`` applied in training (``ConditionConfig``)."""
+        return F.dropout(values, self.bit_dropout, self.training)
 
 
 class ScalarEncoder(FeatureEncoder):
