@@ -167,40 +167,19 @@ def test_latent_package_imports_only_lower_layers():
 
 def test_both_stages_train_with_the_composer_engine(tmp_path):
     """VAE, then the latent DiT on the VAE run's save folder: the same MDS data, loaders and engine as the DiT."""
-    from train_data import write_mds
+    from train_data import SMALL_VAE, latent_overrides, small_latent_dit, write_mds
 
     from ddsc.train.trainer import check_data, train
 
     write_mds(tmp_path / "mds", n_train=32, n_valid=8)
-    common = [
-        f"data.streams.demo.remote={tmp_path / 'mds'}",
-        "data.max_length=16",
-        "data.num_workers=0",
-        "model.gene_vocab_size=200",
-        "model.conditions=[{name: cell_line_id}, {name: drug}]",
-        "trainer.max_duration=4ba",
-        "trainer.global_train_batch_size=8",
-        "trainer.device_train_microbatch_size=4",
-        "trainer.device_eval_batch_size=8",
-        "trainer.eval_interval=4ba",
-        "trainer.save_interval=4ba",
-        "trainer.precision=fp32",
-        "trainer.progress_bar=false",
-        "trainer.log_to_console=false",
-        f"trainer.save_folder={tmp_path}/{{run_name}}",
-    ]
-    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
-    vae_config = load_config(RunConfig, ROOT / "yamls" / "latent_vae_demo_cpu.yaml", [*common, *small_vae])
+    common = [*latent_overrides(tmp_path / "mds"), "trainer.max_duration=4ba", "trainer.eval_interval=4ba"]
+    common += ["trainer.save_interval=4ba", "trainer.precision=fp32", "trainer.log_to_console=false"]
+    common.append(f"trainer.save_folder={tmp_path}/{{run_name}}")
+    vae_config = load_config(RunConfig, ROOT / "yamls" / "latent_vae_demo_cpu.yaml", [*common, *SMALL_VAE])
     check_data(vae_config)
     vae = train(vae_config)
     assert vae.batches == 4 and np.isfinite(vae.metrics["eval/nb_nll"]) and vae.metrics["eval/kl"] >= 0
-    dit_args = [
-        *common,
-        f"latent_dit.vae={tmp_path / 'latent-vae-demo'}",
-        "latent_dit.d_model=32",
-        "latent_dit.n_layers=1",
-        "trainer.hf_export_interval=4ba",
-    ]
+    dit_args = [*common, *small_latent_dit(tmp_path / "latent-vae-demo"), "trainer.hf_export_interval=4ba"]
     dit_config = load_config(RunConfig, ROOT / "yamls" / "latent_dit_demo_cpu.yaml", dit_args)
     check_data(dit_config)
     dit = train(dit_config)

@@ -14,7 +14,7 @@ import torch
 import yaml
 from test_train import tiny_config
 from test_train_distributed import torchrun
-from train_data import write_mds
+from train_data import SMALL_VAE, latent_overrides, small_latent_dit, write_mds
 
 from ddsc.cli import main as cli_main
 from ddsc.config import ConfigError, load_config
@@ -145,25 +145,11 @@ def test_latent_family_under_zero2_resumes_and_exports(tmp_path):
     the export holds the DiT and exactly the VAE weights it trained against: DeepSpeed holds every parameter of
     the module in bf16, the frozen VAE's too, so those are the VAE run's weights rounded to bf16."""
     write_mds(tmp_path / "mds", n_train=64, n_valid=8)
-    common = [
-        f"data.streams.demo.remote={tmp_path / 'mds'}",
-        "data.max_length=16",
-        "data.num_workers=0",
-        "model.gene_vocab_size=200",
-        "model.conditions=[{name: cell_line_id}, {name: drug}]",
-        *DEEPSPEED,
-        "parallelism.zero_stage=2",
-        "trainer.precision=amp_bf16",
-        "trainer.global_train_batch_size=8",
-        "trainer.device_train_microbatch_size=4",
-        "trainer.device_eval_batch_size=8",
-        "trainer.save_interval=4ba",
-        "trainer.progress_bar=false",
-    ]
+    common = [*latent_overrides(tmp_path / "mds"), *DEEPSPEED, "parallelism.zero_stage=2"]
+    common += ["trainer.precision=amp_bf16", "trainer.save_interval=4ba"]
     vae, dit = tmp_path / "vae", tmp_path / "dit"
-    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
-    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29745, *common, *small_vae, f"trainer.save_folder={vae}")
-    dit_args = [*common, f"latent_dit.vae={vae}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
+    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29745, *common, *SMALL_VAE, f"trainer.save_folder={vae}")
+    dit_args = [*common, *small_latent_dit(vae)]
     dit_yaml = ROOT / "yamls" / "latent_dit_demo_cpu.yaml"
     torchrun(dit_yaml, 29746, *dit_args, f"trainer.save_folder={dit}")
     resumed = tmp_path / "resumed"  # the job died after the batch-4 checkpoint

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train import tiny_config
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from train_data import write_mds
+from train_data import SMALL_VAE, latent_overrides, small_latent_dit, write_mds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,30 @@ def consolidated(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, map_location="cpu", weights_only=False)["state"]["model"]
 
 
+def rewound(run: Path, to: Path, keep: str, drop: str) -> Path:
+    """A copy of the save folder ``run`` as if the job had died after checkpoint ``keep``: ``drop`` removed and
+    ``latest`` pointing at ``keep``."""
+    shutil.copytree(run, to, symlinks=True)
+    shutil.rmtree(to / drop)
+    (to / "latest-rank0.pt").unlink()
+    (to / "latest-rank0.pt").symlink_to(keep)
+    return to
+
+
+def resumed_identically(run: Path, resumed: Path, tmp: Path, trained: str = "") -> dict[str, torch.Tensor]:
+    """``run``'s batch-8 weights, checked equal to ``resumed``'s and, in the tensors named ``trained...``,
+    different from its batch-4 ones (batches 5-8 did change the weights)."""
+    expected = consolidated(run / "ep0-ba8", tmp / "a.pt")
+    actual = consolidated(resumed / "ep0-ba8", tmp / "b.pt")
+    assert expected.keys() == actual.keys() and len(expected) > 10
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+    first = consolidated(run / "ep0-ba4", tmp / "c.pt")
+    names = [k for k in expected if k.startswith(trained)]
+    assert names and not all(torch.equal(first[k], expected[k]) for k in names)
+    return expected
+
+
 @pytest.mark.slow
 def test_fsdp2_sharded_checkpoint_and_autoresume(tmp_path):
     write_mds(tmp_path / "mds")
@@ -64,20 +88,10 @@ def test_fsdp2_sharded_checkpoint_and_autoresume(tmp_path):
     assert not list(cache.glob(".*.partial"))
 
     # Pretend the job died after the batch-4 checkpoint: drop batch 8 and point `latest` back at batch 4.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed, symlinks=True)
-    shutil.rmtree(resumed / "ep0-ba8")
-    (resumed / "latest-rank0.pt").unlink()
-    (resumed / "latest-rank0.pt").symlink_to("ep0-ba4")
+    resumed = rewound(run, tmp_path / "resumed", "ep0-ba4", "ep0-ba8")
     torchrun(config, 29732, *[a.replace(str(run), str(resumed)) for a in args])
 
-    expected = consolidated(run / "ep0-ba8", tmp_path / "a.pt")
-    actual = consolidated(resumed / "ep0-ba8", tmp_path / "b.pt")
-    assert expected.keys() == actual.keys() and len(expected) > 10
-    for name, tensor in expected.items():
-        assert torch.equal(tensor, actual[name]), name
-    first = consolidated(run / "ep0-ba4", tmp_path / "c.pt")
-    assert not all(torch.equal(first[k], expected[k]) for k in expected)  # batches 5-8 did change the weights
+    resumed_identically(run, resumed, tmp_path)
 
 
 @pytest.mark.slow
@@ -89,47 +103,20 @@ def test_latent_family_under_fsdp2_shards_resumes_and_exports(tmp_path):
     from ddsc.train.export import export_checkpoint
 
     write_mds(tmp_path / "mds", n_train=64, n_valid=8)
-    common = [
-        f"data.streams.demo.remote={tmp_path / 'mds'}",
-        "data.max_length=16",
-        "data.num_workers=0",
-        "model.gene_vocab_size=200",
-        "model.conditions=[{name: cell_line_id}, {name: drug}]",
-        "parallelism.strategy=fsdp",
-        "trainer.max_duration=8ba",
-        "trainer.global_train_batch_size=8",
-        "trainer.device_train_microbatch_size=4",
-        "trainer.device_eval_batch_size=8",
-        "trainer.eval_interval=8ba",
-        "trainer.save_interval=4ba",
-        "trainer.progress_bar=false",
-        "trainer.log_to_console=false",
-    ]
+    common = [*latent_overrides(tmp_path / "mds"), "parallelism.strategy=fsdp", "trainer.max_duration=8ba"]
+    common += ["trainer.eval_interval=8ba", "trainer.save_interval=4ba", "trainer.log_to_console=false"]
     vae, dit = tmp_path / "vae", tmp_path / "dit"
-    small_vae = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
-    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29733, *common, *small_vae, f"trainer.save_folder={vae}")
+    torchrun(ROOT / "yamls" / "latent_vae_demo_cpu.yaml", 29733, *common, *SMALL_VAE, f"trainer.save_folder={vae}")
     assert sorted(p.name for p in (vae / "ep0-ba8").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    dit_args = [*common, f"latent_dit.vae={vae}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
+    dit_args = [*common, *small_latent_dit(vae)]
     dit_args.append("trainer.hf_export_interval=8ba")  # gathered from the shards by every rank, written by rank 0
     dit_yaml = ROOT / "yamls" / "latent_dit_demo_cpu.yaml"
     torchrun(dit_yaml, 29734, *dit_args, f"trainer.save_folder={dit}")
-
-    resumed = tmp_path / "resumed"  # the job died after the batch-4 checkpoint
-    shutil.copytree(dit, resumed, symlinks=True)
-    shutil.rmtree(resumed / "ep0-ba8")
-    (resumed / "latest-rank0.pt").unlink()
-    (resumed / "latest-rank0.pt").symlink_to("ep0-ba4")
+    resumed = rewound(dit, tmp_path / "resumed", "ep0-ba4", "ep0-ba8")  # the job died after the batch-4 checkpoint
     torchrun(dit_yaml, 29735, *dit_args, f"trainer.save_folder={resumed}")
 
     vae_state = consolidated(vae / "ep0-ba8", tmp_path / "v.pt")
-    expected = consolidated(dit / "ep0-ba8", tmp_path / "a.pt")
-    actual = consolidated(resumed / "ep0-ba8", tmp_path / "b.pt")
-    assert expected.keys() == actual.keys() and len(expected) > 10
-    for name, tensor in expected.items():
-        assert torch.equal(tensor, actual[name]), name
-    first = consolidated(dit / "ep0-ba4", tmp_path / "c.pt")
-    trained = [k for k in expected if k.startswith("model.")]
-    assert trained and not all(torch.equal(first[k], expected[k]) for k in trained)
+    expected = resumed_identically(dit, resumed, tmp_path, trained="model.")  # the DiT; the VAE is frozen
     export_checkpoint(dit, tmp_path / "hf")
     loaded = Predictor.from_pretrained(tmp_path / "hf", progress=False)
     assert loaded.family == "latent"

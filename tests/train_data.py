@@ -48,3 +48,27 @@ def write_mds(
     ids = range(3, genes)
     GeneVocab(list(ids), [f"ENSG{i:011d}" for i in ids], [f"G{i}" for i in ids]).to_json(root / "vocab.json")
     return root
+
+
+SMALL_VAE = ["latent_vae.d_model=32", "latent_vae.n_latents=4", "latent_vae.d_latent=4"]
+
+
+def latent_overrides(mds: Path) -> list[str]:
+    """Overrides of ``yamls/latent_*_demo_cpu.yaml`` for tiny runs on a ``write_mds`` dataset: batches of 8 cells
+    of at most 16 genes, both label conditions."""
+    return [
+        f"data.streams.demo.remote={mds}",
+        "data.max_length=16",
+        "data.num_workers=0",
+        "model.gene_vocab_size=200",
+        "model.conditions=[{name: cell_line_id}, {name: drug}]",
+        "trainer.global_train_batch_size=8",
+        "trainer.device_train_microbatch_size=4",
+        "trainer.device_eval_batch_size=8",
+        "trainer.progress_bar=false",
+    ]
+
+
+def small_latent_dit(vae_run: Path) -> list[str]:
+    """A one-layer latent DiT on the VAE run in ``vae_run``."""
+    return [f"latent_dit.vae={vae_run}", "latent_dit.d_model=32", "latent_dit.n_layers=1"]
