@@ -20,6 +20,8 @@ control_mean|perturbation_mean|real_half}`` with ``mean``, ``ci95`` (over groups
 ``ground_truth`` (demo data: the model's drug effects against the saved true ones, see
 :mod:`ddsc.eval.ground_truth`) with ``expected`` (the model's conditional mean bins), ``generated`` (sampled
 cells) and ``reference`` (real held-out cells) per "cell line|drug|dose" group, their means and per-dose means.
+A latent-family model's report (``ddsc.eval.evaluate_latent``) has the same sections except ``masked``,
+``margins`` and ``nelbo``, and a ``reconstruction`` section instead.
 """
 
 from __future__ import annotations
