@@ -3,8 +3,8 @@
 Pipeline, all through the public entry points (each step reuses its output in --work when present): gene
 vocab and MDS splits by cell (data_prep/build_vocab.py, data_prep/anndata_to_mds.py), training
 (launch/train.py on yamls/demo_cpu.yaml with the overrides below; the bound is --batches: the default 1,000
-trained in 827 s on 2 CPU cores shared with other jobs, load average 2-5; 200 batches lose to the gene x
-cell product baseline), ``ddsc export`` (checkpoint -> HF folder), ``ddsc evaluate`` on the test split with
+trained in 166 s on 2 CPU cores at load average 1-2, 827 s at 2-5; 200 batches lose to the gene x cell
+product baseline), ``ddsc export`` (checkpoint -> HF folder), ``ddsc evaluate`` on the test split with
 the baselines fitted on train.
 Prints the data set it ran on and, per mask rate, the model's masked CE beside every baseline's (per-gene
 marginal, kNN, cell histogram, gene x cell product), all measured in the same run on the same masks, the
@@ -12,7 +12,7 @@ best baseline, the margin over it with its 95% bootstrap interval and the ratio 
 unless the model beats every baseline at every rate. The full report (metrics.json, plots, summary.md) is
 written to --work/report.
 
-Example: python benchmarks/real_data.py --work /tmp/ddsc_real_data   (930 s end to end in the run above)
+Example: python benchmarks/real_data.py --work /tmp/ddsc_real_data   (220 s end to end at load average 1-2; 930 s at 2-5)
 """
 
 from __future__ import annotations
