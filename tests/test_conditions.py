@@ -4,14 +4,12 @@ generation for drugs and doses never seen in training, and the export that loads
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from without_ddsc import run_without
 
 from ddsc.cli import main
 from ddsc.config import ConfigError
@@ -236,13 +234,6 @@ def test_molecule_export_loads_without_ddsc_and_says_when_rdkit_is_missing(tmp_p
             gene_ids, expr, torch.ones(2, 6, dtype=torch.bool), model.encode_conditions(values, 2, labels)
         )
     script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            blocked = ("ddsc",)
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in self.blocked:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}")
-        sys.meta_path.insert(0, Block())
         import numpy as np, torch, transformers
         model = transformers.AutoModel.from_pretrained({folder!r}, trust_remote_code=True).eval()
         b = {{k: torch.from_numpy(v) for k, v in np.load({str(tmp_path / "batch.npz")!r}).items()}}
@@ -252,12 +243,10 @@ def test_molecule_export_loads_without_ddsc_and_says_when_rdkit_is_missing(tmp_p
         np.save({str(tmp_path / "logits.npy")!r}, out.numpy())
         assert not any(m.split(".")[0] == "ddsc" for m in sys.modules)
     """)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    done = run_without(script, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), reference.numpy())
     # without RDKit the model still loads; only fingerprinting a SMILES fails, saying what to install
-    no_rdkit = script.replace('blocked = ("ddsc",)', 'blocked = ("ddsc", "rdkit")')
-    done = subprocess.run([sys.executable, "-c", no_rdkit], env=env, capture_output=True, text=True, cwd=tmp_path)
+    done = run_without(script, tmp_path, blocked=("ddsc", "rdkit"))
     assert done.returncode != 0 and "molecule conditions need RDKit" in done.stderr
     assert "from_pretrained" not in done.stderr.splitlines()[-3]  # it failed in encode_conditions, after loading

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from without_ddsc import run_without
 
 from ddsc.cli import main as cli_main
 from ddsc.config import from_dict
@@ -230,12 +231,6 @@ def test_remote_code_loads_without_ddsc(composer_run, data, tmp_path):
     batch = a_batch(data)
     np.savez(tmp_path / "batch.npz", **{k: batch[k].numpy() for k in ("gene_ids", "expr", "attention_mask", "cond")})
     script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoDDSC(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "ddsc" or name.startswith("ddsc."):
-                    raise ModuleNotFoundError(f"No module named {{name!r}}")
-        sys.meta_path.insert(0, NoDDSC())
         try:
             import ddsc
             sys.exit("ddsc is importable")
@@ -250,8 +245,7 @@ def test_remote_code_loads_without_ddsc(composer_run, data, tmp_path):
         assert not any(m == "ddsc" or m.startswith("ddsc.") for m in sys.modules)
         print(type(model).__module__)
     """)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    done = run_without(script, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith("transformers_modules.")
     reference = logits(DDSCModel.from_pretrained(folder), batch).numpy()

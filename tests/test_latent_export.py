@@ -4,8 +4,6 @@ library sizes, equal outputs to the training model, and loadable by AutoModel wi
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from without_ddsc import run_without
 
 from ddsc.cli import main as cli_main
 from ddsc.config import load_config, save_config
@@ -164,12 +163,6 @@ def test_remote_code_loads_without_ddsc(exported, tmp_path):
     x = fixed_inputs(run)
     np.savez(tmp_path / "x.npz", **{k: v.numpy() for k, v in x.items()})
     script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoDDSC(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "ddsc" or name.startswith("ddsc."):
-                    raise ModuleNotFoundError(f"No module named {{name!r}}")
-        sys.meta_path.insert(0, NoDDSC())
         import numpy as np, torch, transformers
         model = transformers.AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         x = {{k: torch.from_numpy(v) for k, v in np.load({str(tmp_path / "x.npz")!r}).items()}}
@@ -183,8 +176,7 @@ def test_remote_code_loads_without_ddsc(exported, tmp_path):
         assert not any(m == "ddsc" or m.startswith("ddsc.") for m in sys.modules)
         print(type(model).__module__)
     """)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    done = run_without(script, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith("transformers_modules.")
     got = np.load(tmp_path / "out.npz")
