@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from ddsc.eval.cell_models import MaskedCellModel
-from ddsc.eval.cells import collate_cells, fresh_collator
 from ddsc.eval.latent_cells import LatentCellModel, latent_imputation, reconstruction
 from ddsc.eval.settings import EvalSettings, SamplerSettings
 
@@ -46,16 +45,14 @@ def generation_scores(models, cells, train, collator, args) -> dict:
     return out
 
 
-def imputation_scores(masked, latent, train_samples, samples, args) -> dict:
+def imputation_scores(masked, latent, run, args) -> dict:
     """Masked-bin CE (masked family vs the best bin baseline) and imputed-count Pearson (log1p) of both families
     and the best count baseline (``ddsc evaluate``'s: every bin baseline's implied count, the gene mean, the kNN
-    mean), on ``ddsc evaluate``'s fixed masks and cells (``prepare``)."""
+    mean), on ``ddsc evaluate``'s fixed masks and its prepared cells ``run`` (``prepare``)."""
     from ddsc.diffusion.masked_diffusion import MaskedDiffusion
     from ddsc.eval.bootstrap import resample_weights
-    from ddsc.eval.evaluate import prepare
     from ddsc.eval.masked import masked_prediction
 
-    run = prepare(masked.collator, train_samples, samples, EvalSettings(seed=args.seed))
     diffusion = MaskedDiffusion(masked.diffusion, masked.config.num_bins)
     rates = (0.15, 0.5)
     results = masked_prediction(
@@ -140,7 +137,7 @@ def score_dataset(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, 
 
 
 def _score(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: Callable[[str], None]) -> dict:
-    from ddsc.eval.evaluate import read_mds
+    from ddsc.eval.evaluate import prepare, read_mds
     from ddsc.inference import Predictor
 
     masked = Predictor.from_pretrained(hf_masked, progress=False)
@@ -148,8 +145,8 @@ def _score(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: 
     assert masked.family == "masked" and latent.family == "latent", (masked.family, latent.family)
     samples = read_mds(mds / "valid", args.eval_cells, args.seed)
     train_samples = read_mds(mds / "train", args.fit_cells, args.seed)
-    collator = fresh_collator(masked.collator, args.seed)
-    cells, train = collate_cells(collator, samples), collate_cells(collator, train_samples)
+    run = prepare(masked.collator, train_samples, samples, EvalSettings(seed=args.seed))  # ddsc evaluate's cells
+    collator, cells, train = run.collator, run.cells, run.train
     out = {
         "params": {
             "masked": n_params(masked.model),
@@ -162,7 +159,7 @@ def _score(name: str, mds: Path, hf_masked: Path, hf_latent: Path, args, stage: 
     stage(f"{name}: generation ({args.gen_cells} cells per family on held-out panels)")
     out["generation"] = generation_scores(models, cells, train, collator, args)
     stage(f"{name}: masked-bin CE, imputed counts and NB NLL")
-    out["imputation"] = imputation_scores(masked, latent, train_samples, samples, args)
+    out["imputation"] = imputation_scores(masked, latent, run, args)
     out["nb_nll"] = reconstruction(latent.model, cells)["nb_nll_per_gene"]
     stage(f"{name}: embeddings ({min(args.embed_cells, len(samples))} cells)")
     out["embedding"] = embedding_scores(masked, latent, samples, args)
