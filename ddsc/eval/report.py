@@ -178,7 +178,9 @@ def _split_section(exp: dict) -> list[str]:
             f"{_fmt(base['nearest_seen_drug_mean_delta_pearson'])}, mean of seen drugs "
             f"{_fmt(base['mean_seen_drugs_mean_delta_pearson'])} (nearest: "
             + ", ".join(f"{d} -> {n}" for d, n in base["nearest_seen_drug_of"].items())
-            + ").",
+            + "). The same baselines from the seen drugs' true effects (what the seen drugs determine at all): "
+            f"nearest {_fmt(base['ceiling_nearest_seen_drug_mean_delta_pearson'])}, "
+            f"mean {_fmt(base['ceiling_mean_seen_drugs_mean_delta_pearson'])}.",
         ]
     return lines
 
