@@ -301,6 +301,7 @@ def test_oracle_of_the_true_profiles_scores_like_the_real_data(tmp_path):
 
 def test_held_out_drugs_splits_and_baselines(tmp_path):
     from ddsc.eval.ground_truth import _by_split, _score, treatment_cond
+    from ddsc.eval.report import _fmt, _split_section
     from ddsc.model.conditions import VALUE, ZERO
     from ddsc.model.config import ConditionConfig
 
@@ -358,6 +359,16 @@ def test_held_out_drugs_splits_and_baselines(tmp_path):
             pearson(by_drug[nearest], effect[unseen])
         )
         assert base[f"{name}mean_seen_drugs_mean_delta_pearson"] == pytest.approx(pearson(mean, effect[unseen]))
+    assert base["by_unseen_drug"][unseen] == {
+        k[: -len("_mean_delta_pearson")]: v for k, v in base.items() if k.endswith("_mean_delta_pearson")
+    }
+    row = [line for line in _split_section(out) if line.startswith(f"| {unseen} |")]
+    assert row == [
+        f"| {unseen} | {_fmt(base['model_mean_delta_pearson'])} | {_fmt(base['nearest_seen_drug_mean_delta_pearson'])} "
+        f"| {_fmt(base['mean_seen_drugs_mean_delta_pearson'])} | "
+        f"{_fmt(base['ceiling_nearest_seen_drug_mean_delta_pearson'])} / "
+        f"{_fmt(base['ceiling_mean_seen_drugs_mean_delta_pearson'])} |"
+    ]
     assert base["ceiling_nearest_seen_drug_mean_delta_pearson"] != pytest.approx(
         base["nearest_seen_drug_mean_delta_pearson"], abs=1e-3
     )

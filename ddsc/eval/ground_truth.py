@@ -259,6 +259,7 @@ def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffe
         d: seen[int(np.argmax(tanimoto(fingerprints[d], np.stack([fingerprints[s] for s in seen]))[0]))] for d in unseen
     }
     baseline: dict[str, list[float]] = {"model": []}
+    drug_of_group: list[str] = []
     for key, (ln, d, c) in keys.items():
         if d not in nearest or any(f"{ln}|{s}|{c}" not in deltas for s in seen):
             continue
@@ -269,6 +270,7 @@ def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffe
             "ceiling_": {s: _true_effect(truth, ln, s, c)[columns] for s in seen},
         }
         baseline["model"].append(scores[key]["delta_pearson"])
+        drug_of_group.append(d)
         for prefix, by_drug in seen_effects.items():
             guesses = {"nearest_seen_drug": by_drug[nearest[d]], "mean_seen_drugs": np.mean(list(by_drug.values()), 0)}
             for name, guess in guesses.items():
@@ -278,6 +280,13 @@ def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffe
         "unseen_drug_groups": len(baseline["model"]),
         "nearest_seen_drug_of": nearest,
         **{f"{name}_mean_delta_pearson": _nanmean(v) for name, v in baseline.items()},
+        "by_unseen_drug": {
+            d: {
+                name: _nanmean([x for x, of in zip(v, drug_of_group, strict=True) if of == d])
+                for name, v in baseline.items()
+            }
+            for d in unseen
+        },
     }
     return out
 

@@ -181,6 +181,14 @@ def _split_section(exp: dict) -> list[str]:
             + "). The same baselines from the seen drugs' true effects (what the seen drugs determine at all): "
             f"nearest {_fmt(base['ceiling_nearest_seen_drug_mean_delta_pearson'])}, "
             f"mean {_fmt(base['ceiling_mean_seen_drugs_mean_delta_pearson'])}.",
+            "",
+            "| unseen drug | model | nearest seen drug | mean of seen drugs | ceiling: nearest / mean |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d} | {_fmt(v['model'])} | {_fmt(v['nearest_seen_drug'])} | {_fmt(v['mean_seen_drugs'])} | "
+            f"{_fmt(v['ceiling_nearest_seen_drug'])} / {_fmt(v['ceiling_mean_seen_drugs'])} |"
+            for d, v in base["by_unseen_drug"].items()
         ]
     return lines
 
