@@ -264,7 +264,7 @@ def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffe
         if d not in nearest or any(f"{ln}|{s}|{c}" not in deltas for s in seen):
             continue
         genes, _, counts = deltas[key]
-        columns = truth.gene_columns(genes)
+        effect, columns = _true_effect(truth, ln, d, c), truth.gene_columns(genes)
         seen_effects = {  # the model's deltas for the seen drugs, and their true effects
             "": {s: deltas[f"{ln}|{s}|{c}"][1] for s in seen},
             "ceiling_": {s: _true_effect(truth, ln, s, c)[columns] for s in seen},
@@ -274,7 +274,7 @@ def _by_split(scores: dict[str, dict], deltas: dict[str, tuple], truth: DrugEffe
         for prefix, by_drug in seen_effects.items():
             guesses = {"nearest_seen_drug": by_drug[nearest[d]], "mean_seen_drugs": np.mean(list(by_drug.values()), 0)}
             for name, guess in guesses.items():
-                score = _score(truth, genes, guess, counts, _true_effect(truth, ln, d, c), min_obs)
+                score = _score(truth, genes, guess, counts, effect, min_obs)
                 baseline.setdefault(prefix + name, []).append(score["delta_pearson"])
     out["baselines"] = {
         "unseen_drug_groups": len(baseline["model"]),
