@@ -22,9 +22,10 @@ class RateWindow:
     def __init__(self, size: int):
         self.entries: deque[tuple[float, dict[str, float]]] = deque(maxlen=size + 1)
 
-    def add(self, **counts: float) -> dict[str, float]:
-        """Record one batch; the rates of the window ending here, or {} until the window is full."""
-        self.entries.append((time.perf_counter(), counts))
+    def add(self, now: float | None = None, **counts: float) -> dict[str, float]:
+        """Record one batch ending at ``now`` (seconds; the wall clock if None); the rates of the window ending
+        here, or {} until the window is full."""
+        self.entries.append((time.perf_counter() if now is None else now, counts))
         if len(self.entries) < self.entries.maxlen:  # type: ignore[operator]
             return {}
         elapsed = self.entries[-1][0] - self.entries[0][0]
@@ -37,12 +38,17 @@ def token_counts(attention_mask: torch.Tensor) -> dict[str, float]:
 
 
 class TokenRates(Callback):
-    """Log this rank's real and padded tokens per second at every batch (Composer engine)."""
+    """Log this rank's real and padded tokens per second at every batch (Composer engine).
+
+    The window is timed by the trainer's own clock (``state.timestamp.total_wct``), the one ``SpeedMonitor``
+    times its samples/s with, so tokens/s divided by samples/s is exactly tokens per cell of the same batches.
+    """
 
     def __init__(self, window_size: int):
         self.window = RateWindow(window_size)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        rates = self.window.add(**token_counts(state.batch["attention_mask"]))
+        now = state.timestamp.total_wct.total_seconds()
+        rates = self.window.add(now, **token_counts(state.batch["attention_mask"]))
         if rates:
             logger.log_metrics({f"throughput/device/{k}_per_sec": v for k, v in rates.items()})
