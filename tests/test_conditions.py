@@ -3,6 +3,7 @@ generation for drugs and doses never seen in training, and the export that loads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 
@@ -24,12 +25,14 @@ from ddsc.model.config import ConditionConfig, ModelConfig
 from ddsc.model.dit import DiT
 from ddsc.model.export import write_hf_folder
 from ddsc.model.hf import DDSCConfig, DDSCModel
-from ddsc.train.run import check_condition_values
+from ddsc.train.run import check_condition_values, resolve_model_config
 
 K = 8
 N_VOCAB = 40
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 CAFFEINE = "Cn1cnc2c1c(=O)n(C)c(=O)n2C"
+IBUPROFEN = "CC(C)Cc1ccc(cc1)C(C)C(=O)O"
+NAPROXEN = "COc1ccc2cc(ccc2c1)C(C)C(=O)O"
 SMILES = ConditionConfig("smiles", kind="molecule", column="canonical_smiles", dropout=0.0)
 DOSE = ConditionConfig("dose", kind="scalar", dropout=0.0)
 LINE = ConditionConfig("cell_line_id", num_labels=2, dropout=0.0)
@@ -127,6 +130,53 @@ def test_fingerprint_bit_dropout_masks_bits_in_training_only():
         ConditionConfig("smiles", kind="molecule", bit_dropout=1.0)
 
 
+def test_kernel_molecule_encoder_mixes_reference_vectors_by_tanimoto_and_leaves_a_cells_own_drug_out():
+    spec = ConditionConfig(
+        "smiles", kind="molecule", dropout=0.0, encoder="kernel", references=[ASPIRIN, CAFFEINE, IBUPROFEN]
+    )
+    encoder = tiny_dit(dataclasses.replace(spec, reference_dropout=0.5)).cond_embeddings[0]
+    smiles = [ASPIRIN, NAPROXEN, ""]  # a seen drug, an unseen one, the null
+    cond = torch.from_numpy(encode_conditions([spec], {"smiles": smiles}, 3))
+    # the reference computed another way: NumPy Tanimoto of RDKit fingerprints, softmax(10 x similarity)
+    similarity = tanimoto(np.stack([morgan_fingerprint(s) for s in smiles[:2]]), encoder.references.numpy())
+    weights = np.exp(10 * similarity) / np.exp(10 * similarity).sum(1, keepdims=True)
+    vectors = encoder.vectors.weight.detach().double().numpy()
+    drop = torch.zeros(3, dtype=torch.bool)
+    out = encoder.eval()(cond, drop).detach().numpy()
+    np.testing.assert_allclose(out[:2], weights @ vectors, rtol=1e-5, atol=1e-6)
+    assert weights[0, 0] > 0.99  # a seen drug is (almost) its own vector, as a label is
+    assert weights[1].argmax() == 2 and weights[1, 2] < 0.99  # naproxen: mostly the other profen, not only it
+    np.testing.assert_allclose(out[2], encoder.states.weight[NULL].detach().numpy())
+    # training: the seen drug's own vector leaves its mix in about half the cells; the unseen drug has none to leave
+    encoder.train()
+    torch.manual_seed(0)
+    many = encoder(cond[[0] * 200 + [1] * 50], torch.zeros(250, dtype=torch.bool)).detach().numpy()
+    others = np.exp(10 * similarity[0, 1:]) / np.exp(10 * similarity[0, 1:]).sum()
+    left_out = np.isclose(many[:200], others @ vectors[1:], atol=1e-5).all(1)
+    kept = np.isclose(many[:200], weights[0] @ vectors, atol=1e-5).all(1)
+    assert (left_out ^ kept).all() and 0.4 < left_out.mean() < 0.6
+    np.testing.assert_allclose(many[200:], np.tile(weights[1] @ vectors, (50, 1)), rtol=1e-5, atol=1e-6)
+    encoder(cond, drop).sum().backward()
+    assert (encoder.vectors.weight.grad.abs().sum(1) > 0).all()  # every reference vector is trained
+
+
+def test_kernel_references_come_from_the_labels_and_bad_settings_are_named():
+    spec = ConditionConfig("smiles", kind="molecule", column="canonical_smiles", encoder="kernel")
+    labels = LabelVocab({"canonical_smiles": [ASPIRIN, CAFFEINE]})
+    (resolved,) = resolve_model_config(ModelConfig(conditions=[spec]), labels).conditions
+    assert resolved.references == [ASPIRIN, CAFFEINE]
+    given = dataclasses.replace(spec, references=[IBUPROFEN, NAPROXEN])
+    assert resolve_model_config(ModelConfig(conditions=[given]), labels).conditions[0].references == given.references
+    with pytest.raises(ConfigError, match=r"smiles: a kernel encoder needs data.labels\['canonical_smiles'\]"):
+        resolve_model_config(ModelConfig(conditions=[spec]), LabelVocab({"drug": ["a"]}))
+    with pytest.raises(ValueError, match="smiles: a kernel encoder needs >= 2 references"):
+        tiny_dit(dataclasses.replace(spec, references=[ASPIRIN]))
+    with pytest.raises(ValueError, match="encoder: must be mlp or kernel"):
+        ConditionConfig("smiles", kind="molecule", encoder="tree")
+    with pytest.raises(ValueError, match="reference_dropout: must be in"):
+        ConditionConfig("smiles", kind="molecule", encoder="kernel", reference_dropout=1.0)
+
+
 def test_scalar_condition_for_an_unseen_dose_is_smooth_and_distinct():
     dit = tiny_dit(DOSE).eval()
     gene_ids = torch.randint(3, N_VOCAB, (1, 6)).expand(5, -1)
@@ -176,8 +226,8 @@ def test_distinct_values_are_checked_before_training():
         check_condition_values(model, LabelVocab({"dose": ["0.5"]}))
 
 
-def molecule_model_dir(tmp_path) -> str:
-    config = DDSCConfig.from_model_config(tiny_dit(LINE, SMILES, DOSE).cfg, max_genes=16, binning={"num_bins": K})
+def molecule_model_dir(tmp_path, smiles: ConditionConfig = SMILES) -> str:
+    config = DDSCConfig.from_model_config(tiny_dit(LINE, smiles, DOSE).cfg, max_genes=16, binning={"num_bins": K})
     model = DDSCModel(config)
     torch.manual_seed(1)
     for module in model.modules():
@@ -222,10 +272,11 @@ def test_generate_for_an_unseen_molecule_and_dose(tmp_path, capsys):
     )
 
 
-def test_molecule_export_loads_without_ddsc_and_says_when_rdkit_is_missing(tmp_path):
-    folder = molecule_model_dir(tmp_path)
+def logits_with_and_without_ddsc(folder: str, tmp_path, blocked=("ddsc",)):
+    """The logits of one batch from ``DDSCModel`` and, in a process where ``blocked`` cannot be imported, from
+    ``AutoModel``; and that process."""
     model = DDSCModel.from_pretrained(folder).eval()
-    values = {"smiles": [ASPIRIN, CAFFEINE], "dose": ["0.5", "0"], "cell_line_id": ["L0", ""]}
+    values = {"smiles": [NAPROXEN, CAFFEINE], "dose": ["0.5", "0"], "cell_line_id": ["L0", ""]}
     labels = {"cell_line_id": ["L0", "L1"]}
     gene_ids, expr = torch.randint(3, N_VOCAB, (2, 6)), torch.randint(0, K, (2, 6))
     np.savez(tmp_path / "batch.npz", gene_ids=gene_ids.numpy(), expr=expr.numpy())
@@ -243,10 +294,29 @@ def test_molecule_export_loads_without_ddsc_and_says_when_rdkit_is_missing(tmp_p
         np.save({str(tmp_path / "logits.npy")!r}, out.numpy())
         assert not any(m.split(".")[0] == "ddsc" for m in sys.modules)
     """)
-    done = run_without(script, tmp_path)
+    done = run_without(script, tmp_path, blocked)
+    return reference, (np.load(tmp_path / "logits.npy") if done.returncode == 0 else None), done
+
+
+def test_molecule_export_loads_without_ddsc_and_says_when_rdkit_is_missing(tmp_path):
+    folder = molecule_model_dir(tmp_path)
+    reference, logits, done = logits_with_and_without_ddsc(folder, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), reference.numpy())
+    np.testing.assert_array_equal(logits, reference.numpy())
     # without RDKit the model still loads; only fingerprinting a SMILES fails, saying what to install
-    done = run_without(script, tmp_path, blocked=("ddsc", "rdkit"))
+    _, _, done = logits_with_and_without_ddsc(folder, tmp_path, blocked=("ddsc", "rdkit"))
     assert done.returncode != 0 and "molecule conditions need RDKit" in done.stderr
     assert "from_pretrained" not in done.stderr.splitlines()[-3]  # it failed in encode_conditions, after loading
+
+
+def test_kernel_molecule_export_keeps_its_references_and_loads_without_ddsc(tmp_path):
+    kernel = dataclasses.replace(SMILES, encoder="kernel", references=[ASPIRIN, CAFFEINE, IBUPROFEN])
+    folder = molecule_model_dir(tmp_path, kernel)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())["conditions"][1]
+    assert (saved["encoder"], saved["references"], saved["kernel_sharpness"]) == ("kernel", kernel.references, 10.0)
+    reference, logits, done = logits_with_and_without_ddsc(folder, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(logits, reference.numpy())
+    # the reference fingerprints are computed when the model is built, so without RDKit it cannot load
+    _, _, done = logits_with_and_without_ddsc(folder, tmp_path, blocked=("ddsc", "rdkit"))
+    assert done.returncode != 0 and "molecule conditions need RDKit" in done.stderr

@@ -49,8 +49,13 @@ def morgan_fingerprint(smiles: str, radius: int = 2, bits: int = 2048) -> np.nda
     return out
 
 
-def tanimoto(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Tanimoto similarity of 0/1 fingerprints: rows of ``a`` [n, bits] against rows of ``b`` [m, bits] -> [n, m]."""
-    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+def tanimoto(a, b):
+    """Tanimoto similarity of 0/1 fingerprints: rows of ``a`` [n, bits] against rows of ``b`` [m, bits] -> [n, m].
+
+    NumPy arrays (any dtype, 1-D for one fingerprint; a float64 result) or float torch tensors (2-D: the
+    kernel molecule encoder, on the model's device), by the same formula; an all-zero row has similarity 0.
+    """
+    if isinstance(a, np.ndarray):
+        a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
     common = a @ b.T
-    return common / np.maximum(a.sum(1)[:, None] + b.sum(1)[None, :] - common, 1.0)
+    return common / (a.sum(-1)[:, None] + b.sum(-1)[None, :] - common).clip(min=1.0)

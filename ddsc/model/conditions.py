@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddsc.data.chemistry import morgan_fingerprint
+from ddsc.data.chemistry import morgan_fingerprint, tanimoto
 from ddsc.model.config import ConditionConfig
 
 NULL, VALUE, ZERO = 0, 1, 2
@@ -175,6 +175,40 @@ class MoleculeEncoder(FeatureEncoder):
         return F.dropout(values, self.bit_dropout, self.training)
 
 
+class KernelMoleculeEncoder(nn.Module):
+    """A learned vector per reference (training) drug; a molecule is their mix by Tanimoto similarity.
+
+    ``softmax(sharpness x Tanimoto(molecule, references)) @ vectors``: a seen drug (similarity 1 to itself,
+    typically under 0.6 to the others) is almost its own vector, as with a label; an unseen drug is a mix of
+    its nearest seen ones, with weights the fingerprints fix. In training, ``reference_dropout`` leaves a cell's
+    own drug out of its mix (``ConditionConfig``). The reference fingerprints are computed from the config's
+    SMILES when the model is built (a buffer, not a parameter: no state-dict entry), in float32 whatever the
+    parameters' dtype, so that similarities are exact.
+    """
+
+    def __init__(self, spec: ConditionConfig, d_model: int):
+        super().__init__()
+        if len(spec.references) < 2:
+            raise ValueError(f"model.conditions.{spec.name}: a kernel encoder needs >= 2 references")
+        self.sharpness, self.reference_dropout = spec.kernel_sharpness, spec.reference_dropout
+        fingerprints = [morgan_fingerprint(s, spec.fingerprint_radius, spec.fingerprint_bits) for s in spec.references]
+        self.register_buffer("references", torch.tensor(np.stack(fingerprints), dtype=torch.float32), persistent=False)
+        self.vectors = nn.Embedding(len(spec.references), d_model)  # a table, initialised as the label tables
+        self.states = nn.Embedding(2, d_model)
+
+    def forward(self, columns: Tensor, drop: Tensor) -> Tensor:
+        state = columns[:, 0].long().masked_fill(drop, NULL)
+        similarity = tanimoto(columns[:, 1:].to(self.references), self.references)
+        if self.training and self.reference_dropout > 0:
+            own = similarity >= 1.0 - 1e-6
+            others = (~own).any(-1, keepdim=True)  # never leave a mix empty
+            left_out = own & others & (torch.rand(own.shape[0], 1, device=own.device) < self.reference_dropout)
+            similarity = similarity.masked_fill(left_out, -math.inf)
+        weights = torch.softmax(self.sharpness * similarity, dim=-1)
+        encoded = weights @ self.vectors.weight.float()
+        return torch.where((state == VALUE)[:, None], encoded, self.states(state).float())
+
+
 class ScalarEncoder(FeatureEncoder):
     """sin/cos features of the (log) value at octave-spaced frequencies (1/8 to 8 cycles per unit) -> MLP.
 
@@ -197,4 +231,6 @@ ENCODERS: dict[str, type[nn.Module]] = {"label": LabelEncoder, "molecule": Molec
 
 def condition_encoder(spec: ConditionConfig, d_model: int) -> nn.Module:
     """The module mapping ``spec``'s columns and a drop mask ``[B]`` to its term ``[B, d_model]`` (float32)."""
+    if spec.kind == "molecule" and spec.encoder == "kernel":
+        return KernelMoleculeEncoder(spec, d_model)
     return ENCODERS[spec.kind](spec, d_model)

@@ -29,6 +29,13 @@ class ConditionConfig:
     possible at sampling time, one condition at a time. A molecule's ``bit_dropout`` zeroes fingerprint bits at
     random in training (the others scaled up to keep the mean): with a few dozen training drugs the MLP can
     otherwise learn a drug from a bit only it has, which says nothing about a drug it has not seen.
+
+    A molecule's ``encoder`` is ``mlp`` (fingerprint -> MLP) or ``kernel``: a learned vector per training drug
+    (``references``, the SMILES of ``labels.json``, filled before building), and a molecule is the softmax mix,
+    weighted by ``kernel_sharpness`` x Tanimoto similarity, of the references' vectors. A seen drug is then
+    (almost) its own vector, as a label is; an unseen one is a mix of its nearest seen drugs. With
+    ``reference_dropout`` a training cell's own drug is left out of the mix with that probability, which trains
+    the vectors for exactly what an unseen drug asks of them: to be predicted from its neighbours.
     """
 
     name: str
@@ -39,6 +46,10 @@ class ConditionConfig:
     fingerprint_radius: int = 2  # molecule: Morgan radius (ECFP4) ...
     fingerprint_bits: int = 2048  # ... folded to this many bits
     bit_dropout: float = 0.0  # molecule, training only: each fingerprint bit zeroed with this probability
+    encoder: Literal["mlp", "kernel"] = "mlp"  # molecule: fingerprint -> MLP, or a Tanimoto mix of references
+    references: list[str] = field(default_factory=list)  # kernel: the training drugs' SMILES; [] = from labels
+    kernel_sharpness: float = 10.0  # kernel: softmax(sharpness x Tanimoto) over the references
+    reference_dropout: float = 0.0  # kernel, training only: a cell's own drug left out of the mix
     log10: bool = True  # scalar: encode log10(value) (doses span decades); the value 0 gets its own embedding
     fourier_features: int = 16  # scalar: sin/cos pairs of the (log) value fed to the MLP
 
@@ -49,7 +60,13 @@ class ConditionConfig:
             raise ConfigError(f"conditions.{self.name}.dropout: must be in [0, 1], got {self.dropout}")
         if not 0.0 <= self.bit_dropout < 1.0:
             raise ConfigError(f"conditions.{self.name}.bit_dropout: must be in [0, 1), got {self.bit_dropout}")
-        for key in ("fingerprint_radius", "fingerprint_bits", "fourier_features"):
+        if self.encoder not in ("mlp", "kernel"):
+            raise ConfigError(f"conditions.{self.name}.encoder: must be mlp or kernel, got {self.encoder!r}")
+        if not 0.0 <= self.reference_dropout < 1.0:
+            raise ConfigError(
+                f"conditions.{self.name}.reference_dropout: must be in [0, 1), got {self.reference_dropout}"
+            )
+        for key in ("fingerprint_radius", "fingerprint_bits", "fourier_features", "kernel_sharpness"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"conditions.{self.name}.{key}: must be positive, got {getattr(self, key)}")
 

@@ -77,9 +77,14 @@ def load_labels(config: RunConfig) -> LabelVocab | None:
 
 
 def resolve_model_config(model: ModelConfig, labels: LabelVocab | None) -> ModelConfig:
-    """Fill each label condition's ``num_labels`` from the label vocabulary (a set value must agree with it)."""
+    """Fill each label condition's ``num_labels`` from the label vocabulary (a set value must agree with it),
+    and a kernel molecule condition's ``references`` (its column's distinct SMILES) when they are not set."""
     conditions = []
     for cond in model.conditions:
+        if cond.kind == "molecule" and cond.encoder == "kernel" and not cond.references:
+            if labels is None or cond.source not in labels.labels:
+                raise ConfigError(f"model.conditions.{cond.name}: a kernel encoder needs data.labels[{cond.source!r}]")
+            cond = dataclasses.replace(cond, references=list(labels.labels[cond.source]))
         if cond.kind != "label":
             conditions.append(cond)
             continue
