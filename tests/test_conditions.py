@@ -158,6 +158,12 @@ def test_kernel_molecule_encoder_mixes_reference_vectors_by_tanimoto_and_leaves_
     np.testing.assert_allclose(many[200:], np.tile(weights[1] @ vectors, (50, 1)), rtol=1e-5, atol=1e-6)
     encoder(cond, drop).sum().backward()
     assert (encoder.vectors.weight.grad.abs().sum(1) > 0).all()  # every reference vector is trained
+    # cast whole (DeepSpeed bf16 casts buffers too): the same float32 mix, of the bf16-rounded vectors
+    encoder.eval().to(torch.bfloat16)
+    rounded = encoder.vectors.weight.detach().double().numpy()
+    out = encoder(cond.to(torch.bfloat16), drop)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out[:2].detach().numpy(), weights @ rounded, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_references_come_from_the_labels_and_bad_settings_are_named():

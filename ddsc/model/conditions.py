@@ -182,8 +182,8 @@ class KernelMoleculeEncoder(nn.Module):
     typically under 0.6 to the others) is almost its own vector, as with a label; an unseen drug is a mix of
     its nearest seen ones, with weights the fingerprints fix. In training, ``reference_dropout`` leaves a cell's
     own drug out of its mix (``ConditionConfig``). The reference fingerprints are computed from the config's
-    SMILES when the model is built (a buffer, not a parameter: no state-dict entry), in float32 whatever the
-    parameters' dtype, so that similarities are exact.
+    SMILES when the model is built (a buffer, not a parameter: no state-dict entry); similarities and the mix
+    are computed in float32 whatever the parameters' and buffers' dtype.
     """
 
     def __init__(self, spec: ConditionConfig, d_model: int):
@@ -198,7 +198,8 @@ class KernelMoleculeEncoder(nn.Module):
 
     def forward(self, columns: Tensor, drop: Tensor) -> Tensor:
         state = columns[:, 0].long().masked_fill(drop, NULL)
-        similarity = tanimoto(columns[:, 1:].to(self.references), self.references)
+        references = self.references.float()  # float32 even when the whole module was cast (DeepSpeed bf16)
+        similarity = tanimoto(columns[:, 1:].float(), references)
         if self.training and self.reference_dropout > 0:
             own = similarity >= 1.0 - 1e-6
             others = (~own).any(-1, keepdim=True)  # never leave a mix empty
